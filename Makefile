@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3.11
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint broker-start broker-stop clean
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/zerosum demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check agents protocol tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check agents protocol tests
+	$(VENV)/bin/mypy
+
+broker-start: $(STAMP)
+	$(VENV)/bin/zerosum broker start
+
+broker-stop: $(STAMP)
+	$(VENV)/bin/zerosum broker stop
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

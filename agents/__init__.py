@@ -1,0 +1,1 @@
+"""Asyncio agents: Kafka in, protocol state machine, Kafka out."""

@@ -1,0 +1,72 @@
+"""docker-compose.yml cannot run here (no Docker engine), so it is kept correct by test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agents.broker import KAFKA_VERSION, broker_config_dir, read_properties
+from agents.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+# Addresses and paths differ by design between the compose network and 127.0.0.1.
+ADDRESS_KEYS = {"listeners", "advertised.listeners", "controller.quorum.voters", "log.dirs"}
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _kafka_env() -> dict[str, str]:
+    env = _compose()["services"]["kafka"]["environment"]
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def _env_name(prop: str) -> str:
+    return "KAFKA_" + prop.upper().replace(".", "_")
+
+
+def test_broker_image_is_the_official_one_at_our_kafka_version() -> None:
+    assert _compose()["services"]["kafka"]["image"] == f"apache/kafka:{KAFKA_VERSION}"
+
+
+def test_pom_fetches_the_same_kafka_version() -> None:
+    pom = (broker_config_dir() / "pom.xml").read_text()
+    assert f"<kafka.version>{KAFKA_VERSION}</kafka.version>" in pom
+
+
+def test_every_broker_setting_agrees_with_server_properties() -> None:
+    props = read_properties(broker_config_dir() / "server.properties")
+    env = _kafka_env()
+    for key, value in props.items():
+        if key in ADDRESS_KEYS:
+            continue
+        name = _env_name(key)
+        assert name in env, f"docker-compose.yml lacks {name} (server.properties has {key})"
+        assert env[name] == value, f"{name}={env[name]!r} but server.properties has {value!r}"
+    known = {_env_name(k) for k in props}
+    extra = sorted(set(env) - known)
+    assert extra == [], f"compose sets broker options server.properties does not: {extra}"
+
+
+def test_addresses_are_consistent_inside_the_compose_network() -> None:
+    env = _kafka_env()
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    node = env["KAFKA_NODE_ID"]
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{node}@kafka:9093"
+
+
+def test_agent_commands_are_valid_zerosum_commands() -> None:
+    parser = build_parser()
+    services = _compose()["services"]
+    agent_names = [n for n in services if n != "kafka"]
+    assert {"coordinator", "init"} <= set(agent_names)
+    assert sum(1 for n in agent_names if n.startswith("bank-")) == 3
+    for name in agent_names:
+        command = services[name]["command"]
+        args = parser.parse_args(command)  # exits (fails the test) on an unknown command
+        assert args.command == command[0], name
