@@ -1,0 +1,372 @@
+"""Envelopes: what travels on the bus. Sealed to the recipient, signed by the sender, chained.
+
+    wire   = msgpack [ENVELOPE_VERSION, header, ciphertext, signature]
+    header = msgpack [version, consortium, round_id, kind, sender, recipient, seq, prev,
+                      part, parts]
+    ciphertext = HPKE(recipient's key; info = "zerosum-v1 seal" || header; body chunk)
+    signature  = Ed25519(sender's key; "zerosum-v1 sign" || len(header) || header || ciphertext)
+
+`seq` numbers every envelope a sender ever sends (all recipients), and `prev` is the SHA-256 of
+the sender's previous envelope, so the union of all topics is one hash chain per sender that an
+auditor can check. A body over `CHUNK_BYTES` travels as `parts` envelopes with consecutive seq;
+it is reassembled only when every part has arrived and each was authentic.
+
+HPKE: X25519 or ML-KEM-768+X25519 KEM, HKDF-SHA256, AES-256-GCM, from `cryptography`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
+from cryptography.hazmat.primitives.hpke import (
+    AEAD,
+    KDF,
+    KEM,
+    MLKEM768X25519PrivateKey,
+    MLKEM768X25519PublicKey,
+    Suite,
+)
+
+from protocol.errors import (
+    BadCiphertext,
+    BadSignature,
+    BrokenChain,
+    ChunkError,
+    DuplicateEnvelope,
+    EquivocationError,
+    MalformedMessage,
+    MessageTooLarge,
+    ReplayedEnvelope,
+    UnknownSender,
+    UnsupportedVersion,
+    WrongConsortium,
+    WrongRecipient,
+)
+from protocol.messages import PROTOCOL_VERSION, ROUND_ID_BYTES, MessageKind
+
+ENVELOPE_VERSION = 1
+CHUNK_BYTES = 1024 * 1024 - 16 * 1024  # plaintext per part: an envelope stays under 1 MiB
+MAX_ENVELOPE_BYTES = 1024 * 1024
+MAX_PARTS = 1024
+SEQ_WINDOW = 65536  # how far back an unseen sequence number is still accepted (reordering)
+ZERO_HASH = bytes(32)
+_SEAL_INFO = b"zerosum-v1 seal\x00"
+_SIGN_CTX = b"zerosum-v1 sign\x00"
+
+
+class KemKind(IntEnum):
+    X25519 = 1
+    MLKEM768_X25519 = 2
+
+
+_SUITES = {
+    KemKind.X25519: Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
+    KemKind.MLKEM768_X25519: Suite(KEM.MLKEM768_X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
+}
+
+KemPublic = x25519.X25519PublicKey | MLKEM768X25519PublicKey
+KemPrivate = x25519.X25519PrivateKey | MLKEM768X25519PrivateKey
+
+
+@dataclass(frozen=True)
+class PublicParty:
+    """A registry entry: who a party is and how to reach it (shared configuration)."""
+
+    party_id: str
+    signing_key: ed25519.Ed25519PublicKey
+    kem: KemKind
+    kem_key: KemPublic
+    topic: str
+
+
+@dataclass(frozen=True)
+class PrivateParty:
+    """A party's own secrets. `secret` (>= 32 bytes) seeds its per-round randomness."""
+
+    party_id: str
+    signing_key: ed25519.Ed25519PrivateKey
+    kem: KemKind
+    kem_key: KemPrivate
+    secret: bytes = field(repr=False)
+
+
+def kem_keys(kind: KemKind, private_bytes: bytes) -> tuple[KemPrivate, KemPublic, bytes]:
+    """A KEM key pair from its private bytes, and the public bytes that go in the registry.
+
+    X25519: 32 private bytes. ML-KEM-768+X25519: the 64-byte ML-KEM seed then the 32-byte
+    X25519 key (96 bytes); its public bytes are ML-KEM (1184) then X25519 (32).
+    """
+    if kind is KemKind.X25519:
+        priv = x25519.X25519PrivateKey.from_private_bytes(private_bytes)
+        pub = priv.public_key()
+        return priv, pub, pub.public_bytes_raw()
+    if len(private_bytes) != 96:
+        raise ValueError("an ML-KEM-768+X25519 private key has 96 bytes")
+    mk = mlkem.MLKEM768PrivateKey.from_seed_bytes(private_bytes[:64])
+    xk = x25519.X25519PrivateKey.from_private_bytes(private_bytes[64:])
+    hybrid = MLKEM768X25519PrivateKey(mk, xk)
+    pub_bytes = mk.public_key().public_bytes_raw() + xk.public_key().public_bytes_raw()
+    return hybrid, hybrid.public_key(), pub_bytes
+
+
+def kem_public_from_bytes(kind: KemKind, data: bytes) -> KemPublic:
+    if kind is KemKind.X25519:
+        return x25519.X25519PublicKey.from_public_bytes(data)
+    if len(data) != 1184 + 32:
+        raise ValueError("an ML-KEM-768+X25519 public key has 1216 bytes")
+    return MLKEM768X25519PublicKey(mlkem.MLKEM768PublicKey.from_public_bytes(data[:1184]),
+                                   x25519.X25519PublicKey.from_public_bytes(data[1184:]))
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    consortium: str
+    round_id: bytes
+    kind: MessageKind
+    sender: str
+    recipient: str
+    seq: int
+    prev: bytes
+    part: int
+    parts: int
+
+    def encode(self) -> bytes:
+        packed: bytes = msgpack.packb(
+            [self.version, self.consortium, self.round_id, int(self.kind), self.sender,
+             self.recipient, self.seq, self.prev, self.part, self.parts], use_bin_type=True)
+        return packed
+
+    @classmethod
+    def decode(cls, data: bytes) -> Header:
+        try:
+            raw = msgpack.unpackb(data, raw=False, max_str_len=256, max_bin_len=64,
+                                  max_array_len=16, max_map_len=0, max_ext_len=0)
+        except Exception as exc:
+            raise MalformedMessage(f"header is not valid msgpack: {exc}", path="header") from exc
+        if not isinstance(raw, list) or len(raw) != 10:
+            raise MalformedMessage("header must be a list of 10 fields", path="header")
+        version, consortium, rid, kind, sender, recipient, seq, prev, part, parts = raw
+        if version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"protocol version {version!r}", path="header.version")
+        types: list[tuple[str, Any, type | tuple[type, ...]]] = [
+            ("consortium", consortium, str), ("round_id", rid, bytes), ("kind", kind, int),
+            ("sender", sender, str), ("recipient", recipient, str), ("seq", seq, int),
+            ("prev", prev, bytes), ("part", part, int), ("parts", parts, int)]
+        for name, value, typ in types:
+            if not isinstance(value, typ) or isinstance(value, bool):
+                raise MalformedMessage(f"wrong type {type(value).__name__}",
+                                       path=f"header.{name}")
+        if len(rid) != ROUND_ID_BYTES or len(prev) != 32:
+            raise MalformedMessage("round_id or prev has the wrong length", path="header")
+        if seq < 0 or not 0 <= part < parts <= MAX_PARTS or part > seq:
+            raise MalformedMessage(f"seq {seq}, part {part} of {parts}", path="header")
+        try:
+            mkind = MessageKind(kind)
+        except ValueError as exc:
+            raise MalformedMessage(f"unknown kind {kind}", path="header.kind") from exc
+        return cls(version, consortium, rid, mkind, sender, recipient, seq, prev, part, parts)
+
+
+def digest(wire: bytes) -> bytes:
+    return hashlib.sha256(wire).digest()
+
+
+def _signed_bytes(header: bytes, ciphertext: bytes) -> bytes:
+    return _SIGN_CTX + len(header).to_bytes(4, "big") + header + ciphertext
+
+
+@dataclass
+class Chain:
+    """A sender's position in its own hash chain: the next seq and the previous digest.
+
+    Persist it (or the envelopes) before they are sent, so a restart continues the chain.
+    """
+
+    next_seq: int = 0
+    prev: bytes = ZERO_HASH
+
+
+def seal(body: bytes, *, sender: PrivateParty, recipient: PublicParty, consortium: str,
+         round_id: bytes, kind: MessageKind, chain: Chain) -> list[bytes]:
+    """Seal and sign a message body into one or more envelopes; advances `chain`."""
+    chunks = [body[i:i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)] or [b""]
+    if len(chunks) > MAX_PARTS:
+        raise MessageTooLarge(f"{len(body)} bytes needs more than {MAX_PARTS} parts")
+    suite = _SUITES[recipient.kem]
+    out = []
+    for i, chunk in enumerate(chunks):
+        header = Header(PROTOCOL_VERSION, consortium, round_id, kind, sender.party_id,
+                        recipient.party_id, chain.next_seq, chain.prev, i, len(chunks)).encode()
+        ct = suite.encrypt(chunk, recipient.kem_key, info=_SEAL_INFO + header)
+        sig = sender.signing_key.sign(_signed_bytes(header, ct))
+        wire: bytes = msgpack.packb([ENVELOPE_VERSION, header, ct, sig], use_bin_type=True)
+        chain.next_seq += 1
+        chain.prev = digest(wire)
+        out.append(wire)
+    return out
+
+
+@dataclass(frozen=True)
+class Verified:
+    """An authentic envelope, not yet decrypted: what an auditor with public keys can know."""
+
+    header: Header
+    ciphertext: bytes
+    digest: bytes
+    wire: bytes
+
+
+def verify(wire: bytes, registry: dict[str, PublicParty], consortium: str) -> Verified:
+    """Parse and check the signature of an envelope with public keys only."""
+    if not isinstance(wire, bytes):
+        raise MalformedMessage(f"expected bytes, got {type(wire).__name__}")
+    if len(wire) > MAX_ENVELOPE_BYTES:
+        raise MessageTooLarge(f"envelope of {len(wire)} bytes exceeds {MAX_ENVELOPE_BYTES}")
+    try:
+        outer = msgpack.unpackb(wire, raw=False, max_str_len=0, max_bin_len=MAX_ENVELOPE_BYTES,
+                                max_array_len=4, max_map_len=0, max_ext_len=0)
+    except Exception as exc:
+        raise MalformedMessage(f"envelope is not valid msgpack: {exc}") from exc
+    if not isinstance(outer, list) or len(outer) != 4:
+        raise MalformedMessage("an envelope is [version, header, ciphertext, signature]")
+    version, header_bytes, ct, sig = outer
+    if version != ENVELOPE_VERSION:
+        raise UnsupportedVersion(f"envelope version {version!r}", path="envelope.version")
+    if not all(isinstance(x, bytes) for x in (header_bytes, ct, sig)):
+        raise MalformedMessage("header, ciphertext and signature are bytes")
+    header = Header.decode(header_bytes)
+    if header.consortium != consortium:
+        raise WrongConsortium(f"envelope of consortium {header.consortium!r}",
+                              sender=header.sender)
+    party = registry.get(header.sender)
+    if party is None:
+        raise UnknownSender(f"sender {header.sender!r} is not in the registry")
+    try:
+        party.signing_key.verify(sig, _signed_bytes(header_bytes, ct))
+    except InvalidSignature as exc:
+        raise BadSignature(f"signature of {header.sender!r} does not verify",
+                           sender=header.sender) from exc
+    return Verified(header, ct, digest(wire), wire)
+
+
+@dataclass
+class _SenderState:
+    last_seq: int = -1
+    # seq -> (digest of that envelope, its `prev`): enough to tell duplicates, forks and gaps
+    seen: OrderedDict[int, tuple[bytes, bytes]] = field(default_factory=OrderedDict)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A complete, authentic, decrypted message body from `sender`."""
+
+    sender: str
+    round_id: bytes
+    kind: MessageKind
+    body: bytes
+    first_seq: int
+
+
+class Inbox:
+    """The receiving side of envelopes for one party: verify, order, decrypt, reassemble."""
+
+    def __init__(self, me: PrivateParty, registry: dict[str, PublicParty], consortium: str,
+                 *, max_body_bytes: int = 256 * 1024 * 1024) -> None:
+        self.me = me
+        self.registry = registry
+        self.consortium = consortium
+        self.max_body_bytes = max_body_bytes
+        self._senders: dict[str, _SenderState] = {}
+        self._parts: dict[tuple[str, int], dict[int, tuple[Header, bytes]]] = {}
+        self._buffered = 0
+
+    def receive(self, wire: bytes) -> Delivery | None:
+        """One envelope in; a Delivery when it completes a message, None while parts are due.
+
+        Raises an EnvelopeError subclass (or CodecError for a malformed one); a harmless exact
+        duplicate raises DuplicateEnvelope so the caller can count it.
+        """
+        v = verify(wire, self.registry, self.consortium)
+        h = v.header
+        if h.recipient != self.me.party_id:
+            raise WrongRecipient(f"envelope for {h.recipient!r} reached {self.me.party_id!r}",
+                                 sender=h.sender)
+        self._check_sequence(h, v)
+        try:
+            chunk = _SUITES[self.me.kem].decrypt(v.ciphertext, self.me.kem_key,
+                                                 info=_SEAL_INFO + h.encode())
+        except (InvalidTag, ValueError) as exc:
+            raise BadCiphertext(f"envelope {h.seq} of {h.sender!r} does not decrypt",
+                                sender=h.sender) from exc
+        if h.parts == 1:
+            return Delivery(h.sender, h.round_id, h.kind, chunk, h.seq)
+        return self._reassemble(h, chunk)
+
+    def _check_sequence(self, h: Header, v: Verified) -> None:
+        st = self._senders.setdefault(h.sender, _SenderState())
+        known = st.seen.get(h.seq)
+        if known is not None:
+            if known[0] == v.digest:
+                raise DuplicateEnvelope(f"envelope {h.seq} of {h.sender!r} again",
+                                        sender=h.sender)
+            raise EquivocationError(f"two different envelopes {h.seq} from {h.sender!r}",
+                                    sender=h.sender, evidence=(known[0], v.wire))
+        if h.seq <= st.last_seq - SEQ_WINDOW:
+            raise ReplayedEnvelope(f"envelope {h.seq} of {h.sender!r} is older than the "
+                                   f"window after {st.last_seq}", sender=h.sender)
+        before = st.seen.get(h.seq - 1)
+        if before is not None and before[0] != h.prev:
+            raise BrokenChain(f"envelope {h.seq} of {h.sender!r} does not follow {h.seq - 1}",
+                              sender=h.sender)
+        after = st.seen.get(h.seq + 1)
+        if after is not None and after[1] != v.digest:
+            raise BrokenChain(f"envelope {h.seq + 1} of {h.sender!r} does not follow {h.seq}",
+                              sender=h.sender)
+        st.seen[h.seq] = (v.digest, h.prev)
+        st.last_seq = max(st.last_seq, h.seq)
+        while len(st.seen) > SEQ_WINDOW:
+            st.seen.popitem(last=False)
+
+    def _reassemble(self, h: Header, chunk: bytes) -> Delivery | None:
+        first = h.seq - h.part
+        key = (h.sender, first)
+        parts = self._parts.setdefault(key, {})
+        if parts:
+            h0 = next(iter(parts.values()))[0]
+            if (h0.round_id, h0.kind, h0.parts) != (h.round_id, h.kind, h.parts):
+                raise ChunkError(f"part {h.part} of message {first} from {h.sender!r} does not "
+                                 "match its other parts", sender=h.sender)
+        if self._buffered + len(chunk) > self.max_body_bytes:
+            raise MessageTooLarge(f"buffered parts would exceed {self.max_body_bytes} bytes",
+                                  sender=h.sender)
+        parts[h.part] = (h, chunk)
+        self._buffered += len(chunk)
+        if len(parts) < h.parts:
+            return None
+        del self._parts[key]
+        body = b"".join(parts[i][1] for i in range(h.parts))
+        self._buffered -= len(body)
+        return Delivery(h.sender, h.round_id, h.kind, body, first)
+
+
+def private_party(party_id: str, *, signing_seed: bytes, kem: KemKind, kem_private: bytes,
+                  secret: bytes) -> PrivateParty:
+    """A party's private keys from their raw bytes (generated by the caller, e.g. `init`)."""
+    kem_priv, _, _ = kem_keys(kem, kem_private)
+    return PrivateParty(party_id, ed25519.Ed25519PrivateKey.from_private_bytes(signing_seed),
+                        kem, kem_priv, secret)
+
+
+def public_party(party_id: str, *, signing_key: bytes, kem: KemKind, kem_key: bytes,
+                 topic: str) -> PublicParty:
+    """A registry entry from raw public key bytes (as stored in the consortium file)."""
+    return PublicParty(party_id, ed25519.Ed25519PublicKey.from_public_bytes(signing_key), kem,
+                       kem_public_from_bytes(kem, kem_key), topic)

@@ -1,0 +1,208 @@
+"""An institution's view of one round (claims 1-3): as the leader, or as one of the others.
+
+    AWAIT_ASSIGNMENT --MaskAssignment--> AWAIT_QUERY (leader) --LeaderQuery--> AWAIT_RESULT
+                                         AWAIT_SHARE (other)  --LeaderShare--> AWAIT_RESULT
+    AWAIT_RESULT --RoundResult--> DONE;  any running state --RoundAbort / Deadline--> ABORTED
+
+The leader joins Q with its data (I = Q ∩ D_L, in query order; or I = Q in `query` scope) and
+splits X_L + m_L into n shares: a 32-byte seed for each other institution (E_j = PRG(seed_j))
+and the full matrix E_S = X_L + m_L - sum_j E_j for the coordinator, without the tokens. Every
+other institution aligns its data to the tokens of I and sends Y_j = E_j + X_j + m_j.
+A share or query that arrives before the assignment is kept until the assignment arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import ClassVar
+
+from protocol.errors import AbortReason, DataError, TotalOutOfRange
+from protocol.fixedpoint import AttributeSpec, decode_totals
+from protocol.machine import (
+    BUFFER,
+    Deadline,
+    Handler,
+    Outcome,
+    Output,
+    RoundMachine,
+    Send,
+    SetTimer,
+    _Buffer,
+)
+from protocol.messages import (
+    Contribution,
+    CoordinatorShare,
+    LeaderQuery,
+    LeaderShare,
+    MaskAssignment,
+    RoundAbort,
+    RoundResult,
+    Scope,
+)
+from protocol.ring import add_mask, coordinator_share, derive_seed, prg_matrix
+from protocol.tokens import LocalTable, Tokens
+
+DEFAULT_GRACE_MS = 5_000
+
+
+class InstitutionState(Enum):
+    AWAIT_ASSIGNMENT = auto()
+    AWAIT_QUERY = auto()
+    AWAIT_SHARE = auto()
+    AWAIT_RESULT = auto()
+    DONE = auto()
+    ABORTED = auto()
+
+
+@dataclass(frozen=True)
+class InstitutionContext:
+    """What an institution brings to every round: identity, secret, data snapshot, specs."""
+
+    me: str
+    coordinator: str
+    secret: bytes
+    table: LocalTable
+    attributes: dict[str, AttributeSpec]
+    grace_ms: int = DEFAULT_GRACE_MS
+
+
+class InstitutionRound(RoundMachine):
+    TERMINAL: ClassVar[frozenset[InstitutionState]] = frozenset(
+        {InstitutionState.DONE, InstitutionState.ABORTED})
+    ABORTED: ClassVar[InstitutionState] = InstitutionState.ABORTED
+
+    def __init__(self, round_id: bytes, ctx: InstitutionContext) -> None:
+        super().__init__(round_id, InstitutionState.AWAIT_ASSIGNMENT)
+        self.ctx = ctx
+        self.assignment: MaskAssignment | None = None
+        self.tokens: Tokens | None = None  # tokens of I, in row order
+
+    def abort(self, reason: AbortReason, detail: str,
+              culprits: tuple[str, ...] = ()) -> list[Output]:
+        """Abort here; tell the coordinator unless the abort came from it or from the clock."""
+        out: list[Output] = []
+        if reason is not AbortReason.TIMEOUT and self.ctx.coordinator not in culprits:
+            out.append(Send(self.ctx.coordinator,
+                            self.abort_message(self.round_id, reason, detail, culprits)))
+        return out + super().abort(reason, detail, culprits)
+
+    def release(self) -> None:
+        self.tokens = None
+
+    def _refuse(self, detail: str) -> list[Output]:
+        return self.abort(AbortReason.REFUSED, f"{self.ctx.me}: {detail}", (self.ctx.me,))
+
+    # -- handlers ------------------------------------------------------------------------
+    def _on_assignment(self, sender: str, a: MaskAssignment) -> list[Output]:
+        ctx = self.ctx
+        if sender != ctx.coordinator or ctx.me not in a.participants:
+            return self.invalid(sender, a)
+        self.assignment = a
+        for spec in a.attributes:
+            mine = ctx.attributes.get(spec.name)
+            if mine != spec:
+                return self._refuse(f"attribute {spec.name!r} differs from the local "
+                                    f"configuration ({mine} here, {spec} in the round)")
+            if spec.name not in ctx.table.columns:
+                return self._refuse(f"the local data has no column {spec.name!r}")
+        self.state = (InstitutionState.AWAIT_QUERY if a.leader == ctx.me
+                      else InstitutionState.AWAIT_SHARE)
+        return [SetTimer(self.round_id, a.deadline_ms + ctx.grace_ms)]
+
+    def _names(self) -> tuple[str, ...]:
+        assert self.assignment is not None
+        return tuple(s.name for s in self.assignment.attributes)
+
+    def _on_query(self, sender: str, q: LeaderQuery) -> list[Output]:
+        a, ctx = self.assignment, self.ctx
+        assert a is not None
+        if sender != ctx.coordinator:
+            return self.invalid(sender, q)
+        if a.scope is Scope.INTERSECTION:
+            found, _ = ctx.table.locate(q.query)
+            tokens = q.query[found]
+        else:
+            tokens = q.query
+        try:
+            values = ctx.table.aligned(tokens, self._names())
+        except DataError as exc:
+            return self._refuse(str(exc))
+        others = [p for p in a.participants if p != ctx.me]
+        seeds = [derive_seed(ctx.secret, "share", self.round_id, a.participants.index(p))
+                 for p in others]
+        e_s = coordinator_share(add_mask(values, a.mask), seeds)
+        self.tokens = tokens
+        self.state = InstitutionState.AWAIT_RESULT
+        out: list[Output] = [Send(p, LeaderShare(self.round_id, tokens, s))
+                             for p, s in zip(others, seeds, strict=True)]
+        out.append(Send(ctx.coordinator, CoordinatorShare(self.round_id, e_s)))
+        return out
+
+    def _on_share(self, sender: str, s: LeaderShare) -> list[Output]:
+        a, ctx = self.assignment, self.ctx
+        assert a is not None
+        if sender != a.leader:
+            return self.invalid(sender, s)
+        try:
+            x = ctx.table.aligned(s.tokens, self._names())
+        except DataError as exc:
+            return self._refuse(str(exc))
+        y = add_mask(x, a.mask)
+        y += prg_matrix(s.seed, s.tokens.size, a.width)  # Y_j = E_j + X_j + m_j
+        self.tokens = s.tokens
+        self.state = InstitutionState.AWAIT_RESULT
+        return [Send(ctx.coordinator, Contribution(self.round_id, y))]
+
+    def _on_result(self, sender: str, r: RoundResult) -> list[Output]:
+        a, tokens = self.assignment, self.tokens
+        assert a is not None
+        assert tokens is not None
+        if sender != self.ctx.coordinator:
+            return self.invalid(sender, r)
+        if r.rows != tokens.size or r.totals.shape[1] != a.width:
+            return self.abort(AbortReason.INVALID_SHAPE,
+                              f"result has {r.rows} x {r.totals.shape[1]}, expected "
+                              f"{tokens.size} x {a.width}", (sender,))
+        try:
+            totals = decode_totals(r.totals, a.attributes, len(a.participants))
+        except TotalOutOfRange as exc:
+            return self.abort(AbortReason.TOTAL_OUT_OF_RANGE, str(exc), (sender,))
+        kept = r.kept_mask()
+        if totals.shape[0] and int(totals[:, 0].min()) < a.min_holders:
+            return self.abort(AbortReason.INVALID_VALUE,
+                              "result shows a row below the minimum of holders", (sender,))
+        self.state = InstitutionState.DONE
+        out: list[Output] = [Outcome(self.round_id, tokens[kept], totals, a.attributes,
+                                     int(r.rows - kept.sum()), a.requester)]
+        self._messages.clear()
+        self.release()
+        return out
+
+    def _on_abort(self, sender: str, m: RoundAbort) -> list[Output]:
+        if sender != self.ctx.coordinator:
+            return self.invalid(sender, m)
+        return self.abort(m.reason, m.detail, m.culprits)
+
+    def _on_deadline(self, sender: str, _: Deadline) -> list[Output]:
+        return self.abort(AbortReason.TIMEOUT,
+                          f"no result by the deadline (state {self.state.name})")
+
+    S = InstitutionState
+    TABLE: ClassVar[dict[tuple[object, type], Handler | _Buffer]] = {
+        (S.AWAIT_ASSIGNMENT, MaskAssignment): _on_assignment,
+        (S.AWAIT_ASSIGNMENT, LeaderQuery): BUFFER,
+        (S.AWAIT_ASSIGNMENT, LeaderShare): BUFFER,
+        (S.AWAIT_ASSIGNMENT, RoundAbort): _on_abort,
+        (S.AWAIT_ASSIGNMENT, Deadline): _on_deadline,
+        (S.AWAIT_QUERY, LeaderQuery): _on_query,
+        (S.AWAIT_QUERY, RoundAbort): _on_abort,
+        (S.AWAIT_QUERY, Deadline): _on_deadline,
+        (S.AWAIT_SHARE, LeaderShare): _on_share,
+        (S.AWAIT_SHARE, RoundAbort): _on_abort,
+        (S.AWAIT_SHARE, Deadline): _on_deadline,
+        (S.AWAIT_RESULT, RoundResult): _on_result,
+        (S.AWAIT_RESULT, RoundAbort): _on_abort,
+        (S.AWAIT_RESULT, Deadline): _on_deadline,
+    }
+    del S

@@ -1,0 +1,189 @@
+"""What the coordinator's and the institution's round machines share: inputs, outputs, and the
+table-driven `handle` loop.
+
+A machine's `TABLE` maps (state, input type) to a handler or to `BUFFER` (the input is early:
+keep it and feed it again after the next transition). A pair with no entry is invalid: in a
+running round it aborts the round with `UNEXPECTED_MESSAGE`; in an ended round it raises
+`RoundClosed`. Before the table is consulted, a message equal in content to one already taken
+from the same sender is dropped, and a different one of the same kind aborts the round with
+`EQUIVOCATION`, both kept in `evidence`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from protocol.codec import encode
+from protocol.errors import AbortReason, RoundClosed
+from protocol.fixedpoint import AttributeSpec
+from protocol.messages import Message, MessageKind, RoundAbort
+from protocol.tokens import Tokens
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """Input: the round's deadline has passed (fired by the agent's clock, never read here)."""
+
+    round_id: bytes
+
+
+@dataclass(frozen=True)
+class Send:
+    """Output: deliver `message` to `recipient`."""
+
+    recipient: str
+    message: Message
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Output: feed `Deadline(round_id)` at `at_ms` (epoch milliseconds) unless ended first."""
+
+    round_id: bytes
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class Ended:
+    """Output: the round aborted, for this party, with a typed reason."""
+
+    round_id: bytes
+    reason: AbortReason
+    detail: str
+    culprits: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Published:
+    """Output (coordinator): the result went to every participant."""
+
+    round_id: bytes
+    rows: int
+    kept: int
+
+
+@dataclass(frozen=True, eq=False)
+class Outcome:
+    """Output (institution): the published totals, mapped back to tokens of I.
+
+    `totals` is int64, one row per kept token; column 0 is holders, then `attributes` in scaled
+    units. `withheld` counts rows below the round's minimum of holders.
+    """
+
+    round_id: bytes
+    tokens: Tokens
+    totals: NDArray[np.int64]
+    attributes: tuple[AttributeSpec, ...]
+    withheld: int
+    requester: str
+
+
+Output = Send | SetTimer | Ended | Published | Outcome
+Input = Message | Deadline
+
+
+class _Buffer(Enum):
+    BUFFER = "buffer"
+
+
+BUFFER = _Buffer.BUFFER
+Handler = Callable[[Any, str, Any], list[Output]]
+
+
+class RoundMachine:
+    """Base of one party's view of one round. Subclasses define states, TABLE and handlers."""
+
+    TABLE: ClassVar[dict[tuple[Any, type], Handler | _Buffer]]
+    TERMINAL: ClassVar[frozenset[Any]]
+    ABORTED: ClassVar[Any]
+
+    def __init__(self, round_id: bytes, initial: Any) -> None:
+        self.round_id = round_id
+        self.state = initial
+        # (sender, the message taken first or None once released, the conflicting one)
+        self.evidence: list[tuple[str, Message | None, Message]] = []
+        # content digests for duplicate checks outlive the messages, which release() drops
+        self._seen: dict[tuple[str, MessageKind], bytes] = {}
+        self._messages: dict[tuple[str, MessageKind], Message] = {}
+        self._pending: list[tuple[str, Input]] = []
+
+    def has_seen(self, sender: str, kind: MessageKind) -> bool:
+        return (sender, kind) in self._seen
+
+    def handle(self, sender: str, inp: Input) -> list[Output]:
+        """Feed one input from `sender` (the authenticated envelope sender, or "" for timers)."""
+        digest = b""
+        if isinstance(inp, Message):
+            key = (sender, inp.KIND)
+            digest = hashlib.sha256(encode(inp)).digest()
+            prior = self._seen.get(key)
+            if prior is not None:
+                if prior == digest:
+                    return []
+                if self.state in self.TERMINAL:
+                    raise RoundClosed(f"round {self.round_id.hex()} has ended")
+                self.evidence.append((sender, self._messages.get(key), inp))
+                return self.abort(AbortReason.EQUIVOCATION,
+                                  f"{sender} sent two different {inp.KIND.name}", (sender,))
+        if self.state in self.TERMINAL:
+            raise RoundClosed(f"round {self.round_id.hex()} has ended ({self.state.name}); "
+                              f"{type(inp).__name__} from {sender or 'the clock'} ignored")
+        entry = self.TABLE.get((self.state, type(inp)))
+        if isinstance(inp, Message):
+            self._seen[(sender, inp.KIND)] = digest
+            self._messages[(sender, inp.KIND)] = inp
+        if entry is None:
+            return self.invalid(sender, inp)
+        if entry is BUFFER:
+            self._pending.append((sender, inp))
+            return []
+        out = entry(self, sender, inp)
+        return out + self._drain()
+
+    def _drain(self) -> list[Output]:
+        out: list[Output] = []
+        progressed = True
+        while progressed and self._pending and self.state not in self.TERMINAL:
+            progressed = False
+            for i, (sender, inp) in enumerate(self._pending):
+                entry = self.TABLE.get((self.state, type(inp)))
+                if entry is BUFFER:
+                    continue
+                del self._pending[i]
+                if entry is None:
+                    out += self.invalid(sender, inp)
+                else:
+                    out += entry(self, sender, inp)
+                progressed = True
+                break
+        return out
+
+    def invalid(self, sender: str, inp: Input) -> list[Output]:
+        what = type(inp).__name__
+        return self.abort(AbortReason.UNEXPECTED_MESSAGE,
+                          f"{what} from {sender or 'the clock'} in state {self.state.name}",
+                          (sender,) if sender else ())
+
+    def abort(self, reason: AbortReason, detail: str,
+              culprits: tuple[str, ...] = ()) -> list[Output]:
+        """End the round with `reason`; subclasses add whom to tell."""
+        self.state = self.ABORTED
+        self._pending.clear()
+        self._messages.clear()
+        self.release()
+        return [Ended(self.round_id, reason, detail[:1024], culprits)]
+
+    def release(self) -> None:
+        """Drop the round's large data once it has ended (kept: state, evidence, seen)."""
+
+    @staticmethod
+    def abort_message(round_id: bytes, reason: AbortReason, detail: str,
+                      culprits: tuple[str, ...]) -> RoundAbort:
+        return RoundAbort(round_id, reason, detail[:1024], culprits)
