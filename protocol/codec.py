@@ -158,6 +158,10 @@ def _decode_value(kind: FieldKind | type, value: Any, path: str, max_bytes: int)
     if kind is int:
         return _int(value, path)
     if isinstance(kind, type) and issubclass(kind, Enum):
+        if issubclass(kind, str):
+            _need(value, str, path, "a string")
+        else:
+            _int(value, path)
         try:
             return kind(value)
         except ValueError as exc:
