@@ -50,7 +50,7 @@ class Network:
     drop: float = 0.0
     duplicate: float = 0.0
     reorder: bool = False
-    in_flight: list[tuple[str, bytes]] = field(default_factory=list)
+    in_flight: list[tuple[str, bytes, bool]] = field(default_factory=list)  # (to, wire, copy)
     events: dict[str, list[Event]] = field(default_factory=lambda: defaultdict(list))
     timers: dict[tuple[str, bytes], int] = field(default_factory=dict)
     delivered: int = 0
@@ -65,7 +65,7 @@ class Network:
         for e in events:
             if isinstance(e, Outgoing):
                 for w in e.wires:
-                    self.in_flight.append((e.recipient, w))
+                    self.in_flight.append((e.recipient, w, False))
                     self.wire_log.append(w)
             elif isinstance(e, SetTimer):
                 self.timers[(who, e.round_id)] = e.at_ms
@@ -77,13 +77,14 @@ class Network:
             if not self.in_flight:
                 return
             i = self.rng.randrange(len(self.in_flight)) if self.reorder else 0
-            recipient, wire = self.in_flight.pop(i)
+            recipient, wire, is_copy = self.in_flight.pop(i)
             if self.drop and self.rng.random() < self.drop:
                 continue
-            if self.duplicate and self.rng.random() < self.duplicate:
+            # an original is delivered one to three extra times; copies are not copied again
+            if not is_copy and self.duplicate and self.rng.random() < self.duplicate:
                 for _ in range(self.rng.randint(1, 3)):
                     self.in_flight.insert(self.rng.randrange(len(self.in_flight) + 1),
-                                          (recipient, wire))
+                                          (recipient, wire, True))
             self.delivered += 1
             self.take(recipient, self.party(recipient).receive(wire))
         raise RuntimeError("the network did not settle")

@@ -33,7 +33,7 @@ from tests.samples import COORD, institution, transcript
 ALL = Scope.INTERSECTION
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 6), rounds=st.integers(1, 4))
 def test_duplicates_and_reordering_change_nothing(seed: int, n: int, rounds: int) -> None:
     world = make_world(n, universe=300, hold=0.6, query=200, seed=seed)
