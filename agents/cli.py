@@ -16,6 +16,7 @@ from agents.broker import (
     LocalBroker,
     default_data_dir,
 )
+from agents.config import ConfigError, PartyConfig, load_party
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -78,6 +79,140 @@ def _add_broker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         q.set_defaults(func=fn)
 
 
+def _party(path: Path) -> PartyConfig:
+    try:
+        return load_party(path)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from agents.init import init_consortium
+    from protocol.envelope import KemKind
+
+    kem = KemKind.MLKEM768_X25519 if args.kem == "mlkem768-x25519" else KemKind.X25519
+    try:
+        files = init_consortium(args.dir, institutions=args.institutions,
+                                customers=args.customers, bootstrap=args.bootstrap,
+                                consortium=args.consortium, kem=kem,
+                                keep_existing=args.keep_existing)
+    except (ValueError, FileExistsError) as exc:
+        raise CliError(str(exc)) from exc
+    print(f"consortium in {args.dir.resolve()}: " + ", ".join(f.name for f in files))
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agents.data import DataFileError
+    from agents.run import run_agent, setup_logging
+
+    cfg = _party(args.config)
+    if (args.command == "coordinator") != cfg.is_coordinator:
+        raise CliError(f"{args.config} is the configuration of "
+                       f"{'the coordinator' if cfg.is_coordinator else 'an institution'}; "
+                       f"use `zerosum {'coordinator' if cfg.is_coordinator else 'institution'}`")
+    setup_logging(args.log_format or cfg.log_format, args.verbose)
+    try:
+        asyncio.run(run_agent(cfg))
+    except DataFileError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def cmd_round(args: argparse.Namespace) -> int:
+    from agents.data import DataFileError
+    from agents.run import RoundFailed, request_round
+    from protocol.messages import Scope
+
+    cfg = _party(args.config)
+    parts = tuple(p.strip() for p in args.participants.split(",")) if args.participants else None
+    try:
+        data = request_round(cfg, args.query, scope=Scope(args.scope), out=args.out,
+                             participants=parts, min_holders=args.min_holders,
+                             timeout_s=args.timeout)
+    except (RoundFailed, DataFileError) as exc:
+        print(f"zerosum: {exc}", file=sys.stderr)
+        return 1
+    print(f"published: {len(data['rows'])} rows, {data['withheld']} withheld, "
+          f"in {data['seconds']:.1f} s" + (f"; written to {args.out}" if args.out else ""))
+    if args.out is None:
+        print(",".join(data["header"]))
+        for row in data["rows"][:20]:
+            print(",".join(row))
+        if len(data["rows"]) > 20:
+            print(f"... {len(data['rows']) - 20} more rows (use --out)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agents.demo import run_demo
+
+    return run_demo(institutions=args.institutions, customers=args.customers,
+                    rounds=args.rounds, data_dir=args.data_dir, port=args.port,
+                    controller_port=args.controller_port)
+
+
+def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("init", help="write a working consortium: configs, keys, sample data",
+                       description="Write consortium.toml, coordinator.toml, one bank-N.toml "
+                                   "per institution, key files readable only by their owner "
+                                   "(keys/), and sample data (data/).")
+    p.add_argument("dir", type=Path, help="directory to write (created if missing)")
+    p.add_argument("--institutions", type=int, default=3, help="how many (default: 3)")
+    p.add_argument("--customers", type=int, default=1000,
+                   help="sample customers per institution (default: 1000)")
+    p.add_argument("--bootstrap", default=f"127.0.0.1:{DEFAULT_PORT}",
+                   help="Kafka bootstrap address the agents use (default: %(default)s)")
+    p.add_argument("--consortium", default="demo", help="consortium id (default: demo)")
+    p.add_argument("--kem", choices=["x25519", "mlkem768-x25519"], default="x25519",
+                   help="HPKE key encapsulation (default: x25519)")
+    p.add_argument("--keep-existing", action="store_true",
+                   help="leave an existing consortium in DIR as it is instead of failing")
+    p.set_defaults(func=cmd_init)
+    for name, text in (("coordinator", "run the coordinator agent until SIGTERM/SIGINT"),
+                       ("institution", "run an institution agent until SIGTERM/SIGINT")):
+        q = sub.add_parser(name, help=text, description=text + ". It reads its own inbox "
+                           "topic, and resumes rounds in flight after a restart.")
+        q.add_argument("--config", type=Path, required=True, help="the party's TOML file")
+        q.add_argument("--log-format", choices=["text", "json"],
+                       help="override log_format of the config file")
+        q.set_defaults(func=cmd_agent)
+    r = sub.add_parser("round", help="request a round for an institution and wait for it",
+                       description="Hand a round request to this institution's running agent "
+                                   "(through <state_dir>/requests), wait, and print or write "
+                                   "customer_id,holders,<attributes...>. Exit 1 on an abort, "
+                                   "with its reason.")
+    r.add_argument("--config", type=Path, required=True, help="the institution's TOML file")
+    r.add_argument("--query", type=Path, required=True,
+                   help="CSV with a customer_id column: the customers to total")
+    r.add_argument("--scope", choices=["intersection", "query"], default="intersection",
+                   help="intersection: the query customers the leader holds (the patent); "
+                        "query: every query customer (default: %(default)s)")
+    r.add_argument("--out", type=Path, help="write the totals to this CSV")
+    r.add_argument("--participants", help="comma-separated institutions (default: all)")
+    r.add_argument("--min-holders", type=int,
+                   help="withhold rows with fewer holders (default: the consortium policy)")
+    r.add_argument("--timeout", type=float, help="deadline in seconds (default: the policy)")
+    r.set_defaults(func=cmd_round)
+    d = sub.add_parser("demo", help="run a whole consortium on the local broker and check it",
+                       description="Start the embedded broker (if not running), create a "
+                                   "consortium with generated data, run the agents, submit "
+                                   "rounds, print the totals beside a plaintext check, and "
+                                   "stop everything it started.")
+    d.add_argument("--institutions", type=int, default=4, help="(default: 4)")
+    d.add_argument("--customers", type=int, default=2000,
+                   help="customers per institution (default: 2000)")
+    d.add_argument("--rounds", type=int, default=3, help="(default: 3)")
+    d.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help="broker data dir (default: %(default)s)")
+    d.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
+    d.add_argument("--controller-port", type=int, default=DEFAULT_CONTROLLER_PORT,
+                   help="(default: %(default)s)")
+    d.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zerosum",
@@ -87,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_broker(sub)
+    _add_agents(sub)
     return parser
 
 

@@ -1,0 +1,380 @@
+"""The agent: Kafka in, the party's state machines, Kafka out. One per party, for months.
+
+Input: the party's own inbox topic, read with a fixed assignment (no group rebalances) and a
+group id only to commit offsets. An offset is committed only after every envelope that the
+inputs before it caused is acknowledged by the broker (acks=all, idempotent producer), and those
+envelopes are journaled on disk before they are produced (`Outbox`). On start the agent replays
+its inbox from the beginning: inputs below the committed offset rebuild the rounds' state with
+their outputs suppressed (they are on the bus already); later inputs are processed normally.
+Deadlines come from an injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from agents.broker import broker_config_dir, read_properties
+from agents.config import PartyConfig
+from agents.data import Snapshot
+from agents.outbox import Outbox
+from protocol.coordinator import CoordinatorPolicy
+from protocol.machine import Ended, Outcome, Published, SetTimer
+from protocol.messages import Scope
+from protocol.party import CoordinatorParty, Event, InstitutionParty, Outgoing, Rejected
+from protocol.tokens import Tokens, tokens_from_bytes
+
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
+Clock = Callable[[], float]  # seconds since the epoch
+
+
+def topic_settings() -> tuple[int, int, dict[str, str]]:
+    """(partitions, replication factor, configs) for inbox topics, from broker_config/."""
+    props = read_properties(broker_config_dir() / "topics.properties")
+    partitions = int(props.pop("partitions", "1"))
+    replication = int(props.pop("replication.factor", "1"))
+    return partitions, replication, props
+
+
+async def ensure_topics(bootstrap: str, topics: list[str]) -> None:
+    """Create the inbox topics that do not exist yet, with the audit settings."""
+    partitions, replication, configs = topic_settings()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another agent was first
+                await admin.create_topics([NewTopic(t, partitions, replication,
+                                                    topic_configs=configs) for t in missing])
+    finally:
+        await admin.close()
+
+
+@dataclass
+class Stats:
+    received: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    sent: int = 0
+    published: int = 0
+    aborted: int = 0
+    outcomes: int = 0
+    replayed: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class Agent:
+    """A coordinator or institution agent. `run()` until `stop()`."""
+
+    def __init__(self, cfg: PartyConfig, *, clock: Clock = time.time,
+                 log: logging.Logger | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.log = log or logging.getLogger(f"zerosum.{cfg.party}")
+        self.outbox = Outbox(cfg.state_dir)
+        self.stats = Stats()
+        self.timers: dict[bytes, int] = {}
+        self.waiters: dict[bytes, asyncio.Future[Outcome | Ended]] = {}
+        self.requested: set[bytes] = set()
+        self._stop = asyncio.Event()
+        self._timers_changed = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._pending: list[Outgoing] = []
+        self._replaying = False
+        self.ready = asyncio.Event()
+        c = cfg.consortium
+        chain = self.outbox.load_chain()
+        self.snapshot: Snapshot | None = None
+        self.party: CoordinatorParty | InstitutionParty
+        if cfg.is_coordinator:
+            policy = CoordinatorPolicy(frozenset(c.institutions), c.attributes,
+                                       min_participants=c.policy.min_participants)
+            self.party = CoordinatorParty(cfg.keys, c.registry, c.id, policy, chain=chain)
+        else:
+            assert cfg.data is not None
+            assert cfg.consortium_key is not None
+            self.snapshot = Snapshot(cfg.data, c.attributes, cfg.consortium_key)
+            self.party = InstitutionParty(cfg.keys, c.registry, c.id, coordinator=c.coordinator,
+                                          table=self.snapshot.refresh(),
+                                          attributes=c.attributes, chain=chain)
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        await ensure_topics(cfg.bootstrap, [p.topic for p in cfg.consortium.registry.values()])
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=cfg.bootstrap, enable_idempotence=True, acks="all",
+            max_request_size=MAX_REQUEST_BYTES, linger_ms=2,
+            client_id=f"zerosum-{cfg.party}")
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.bootstrap, group_id=f"zerosum.{cfg.consortium.id}.{cfg.party}",
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            max_partition_fetch_bytes=MAX_REQUEST_BYTES * 4, fetch_max_bytes=64 * 1024 * 1024,
+            client_id=f"zerosum-{cfg.party}")
+        await self._producer.start()
+        try:
+            await self._consumer.start()
+            try:
+                await self._recover()
+                self.ready.set()
+                self.log.info("%s ready on %s (topic %s)", cfg.party, cfg.bootstrap, cfg.topic)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._consume())
+                    tg.create_task(self._timer_loop())
+                    if isinstance(self.party, InstitutionParty):
+                        tg.create_task(self._spool_loop())
+                    await self._stop.wait()
+                    raise _Stopping
+            except* _Stopping:
+                pass
+            finally:
+                await self._consumer.stop()
+        finally:
+            await self._producer.stop()
+            self.log.info("%s stopped: %s", cfg.party, self.stats)
+
+    async def _recover(self) -> None:
+        """Re-produce journaled envelopes, then rebuild state from the inbox up to the commit."""
+        assert self._producer is not None
+        assert self._consumer is not None
+        pending = self.outbox.pending()
+        if pending:
+            self.log.info("re-sending %d journaled envelopes", len(pending))
+            futures = [await self._producer.send(topic, wire) for topic, wire in pending]
+            await asyncio.gather(*futures)
+            self.outbox.done(self.party.chain)
+        tp = TopicPartition(self.cfg.topic, 0)
+        self._consumer.assign([tp])
+        committed = await self._consumer.committed(tp) or 0
+        await self._consumer.seek_to_beginning(tp)
+        if committed == 0:
+            return
+        self._replaying = True
+        try:
+            while True:
+                batch = await self._consumer.getmany(tp, timeout_ms=1000, max_records=500)
+                records = batch.get(tp, [])
+                if not records:
+                    if await self._consumer.position(tp) >= committed:
+                        break
+                    continue
+                for r in records:
+                    if r.offset >= committed:
+                        self._consumer.seek(tp, r.offset)
+                        return
+                    self._handle(self.party.receive(r.value))
+                    self.stats.replayed += 1
+                if records[-1].offset + 1 >= committed:
+                    return
+        finally:
+            self._replaying = False
+            self._pending.clear()
+            self.log.info("replayed %d inputs up to offset %d; %d rounds in flight",
+                          self.stats.replayed, committed, len(self.party.running()))
+
+    # -- loops -------------------------------------------------------------------------------
+    async def _consume(self) -> None:
+        assert self._consumer is not None
+        tp = TopicPartition(self.cfg.topic, 0)
+        while not self._stop.is_set():
+            batch = await self._consumer.getmany(tp, timeout_ms=200, max_records=200)
+            records = batch.get(tp, [])
+            if not records:
+                continue
+            async with self._lock:
+                self._refresh_data()
+                for r in records:
+                    self.stats.received += 1
+                    self._handle(self.party.receive(r.value))
+                await self._flush()
+                await self._consumer.commit({tp: records[-1].offset + 1})
+
+    async def _timer_loop(self) -> None:
+        while not self._stop.is_set():
+            now_ms = int(self.clock() * 1000)
+            due = [rid for rid, at in self.timers.items() if at <= now_ms]
+            if due:
+                async with self._lock:
+                    for rid in due:
+                        self.timers.pop(rid, None)
+                        self._handle(self.party.deadline(rid))
+                    await self._flush()
+                continue
+            wait = min((at - now_ms for at in self.timers.values()), default=1000) / 1000
+            self._timers_changed.clear()
+            try:
+                async with asyncio.timeout(min(max(wait, 0.01), 1.0)):
+                    await self._timers_changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _spool_loop(self) -> None:
+        """Round requests that `zerosum round` left in <state_dir>/requests/."""
+        spool = self.cfg.state_dir / "requests"
+        spool.mkdir(parents=True, exist_ok=True)
+        while not self._stop.is_set():
+            for path in sorted(spool.glob("*.json")):
+                try:
+                    req = json.loads(path.read_text())
+                    tokens = tokens_from_bytes(path.with_suffix(".tokens").read_bytes())
+                    await self.submit(bytes.fromhex(req["round_id"]), tokens,
+                                      participants=tuple(req["participants"]),
+                                      attributes=tuple(req["attributes"]),
+                                      scope=Scope(req["scope"]),
+                                      min_holders=int(req["min_holders"]),
+                                      timeout_s=float(req["timeout_s"]), wait=False)
+                except (OSError, ValueError, KeyError) as exc:
+                    self.log.error("bad round request %s: %s", path.name, exc)
+                    self._write_result(bytes.fromhex(path.stem) if len(path.stem) == 32 else
+                                       b"\0" * 16, {"status": "error", "detail": str(exc)})
+                path.unlink(missing_ok=True)
+                path.with_suffix(".tokens").unlink(missing_ok=True)
+            try:
+                async with asyncio.timeout(0.2):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+
+    # -- requests (institutions) -------------------------------------------------------------
+    async def submit(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
+                     attributes: tuple[str, ...], scope: Scope = Scope.INTERSECTION,
+                     min_holders: int = 1, timeout_s: float | None = None,
+                     leader: str = "", wait: bool = True) -> Outcome | Ended | None:
+        """Ask the coordinator for a round; with `wait`, return its outcome or abort."""
+        party = self.party
+        if not isinstance(party, InstitutionParty):
+            raise TypeError("only an institution requests rounds")
+        timeout_s = timeout_s or self.cfg.consortium.policy.deadline_s
+        deadline_ms = int((self.clock() + timeout_s) * 1000)
+        fut: asyncio.Future[Outcome | Ended] = asyncio.get_running_loop().create_future()
+        self.waiters[round_id] = fut
+        self.requested.add(round_id)
+        async with self._lock:
+            self._handle(party.request(round_id, query, participants=participants,
+                                       attributes=attributes, deadline_ms=deadline_ms,
+                                       scope=scope, min_holders=min_holders, leader=leader))
+            await self._flush()
+        self.log.info("requested round %s: %d customers, %d participants, scope %s",
+                      round_id.hex(), query.size, len(participants), scope)
+        if not wait:
+            return None
+        return await fut
+
+    # -- events ------------------------------------------------------------------------------
+    def _refresh_data(self) -> None:
+        if self.snapshot is not None and isinstance(self.party, InstitutionParty):
+            self.party.set_table(self.snapshot.refresh())
+
+    def _handle(self, events: list[Event]) -> None:
+        for e in events:
+            if isinstance(e, Outgoing):
+                if not self._replaying:
+                    self._pending.append(e)
+            elif isinstance(e, SetTimer):
+                self.timers[e.round_id] = e.at_ms
+                self._timers_changed.set()
+            elif isinstance(e, Rejected):
+                name = type(e.error).__name__
+                if name == "DuplicateEnvelope":
+                    self.stats.duplicates += 1
+                    continue
+                self.stats.rejected += 1
+                self.stats.rejected_by_reason[name] = self.stats.rejected_by_reason.get(name,
+                                                                                        0) + 1
+                if not self._replaying:
+                    self.log.warning("rejected input: %s: %s", name, e.error)
+            elif isinstance(e, Published):
+                self.timers.pop(e.round_id, None)
+                self.stats.published += 1
+                if not self._replaying:
+                    self.log.info("round %s published: %d rows, %d kept", e.round_id.hex(),
+                                  e.rows, e.kept)
+            elif isinstance(e, Ended):
+                self.timers.pop(e.round_id, None)
+                self.stats.aborted += 1
+                if not self._replaying:
+                    self.log.warning("round %s aborted: %s: %s", e.round_id.hex(),
+                                     e.reason.name, e.detail)
+                    self._resolve(e.round_id, e)
+            elif isinstance(e, Outcome):
+                self.timers.pop(e.round_id, None)
+                self.stats.outcomes += 1
+                if not self._replaying:
+                    self.log.info("round %s result: %d rows (%d withheld)", e.round_id.hex(),
+                                  e.tokens.size, e.withheld)
+                    self._resolve(e.round_id, e)
+
+    def _requested_here(self, round_id: bytes) -> bool:
+        if round_id in self.requested:
+            return True
+        m = self.party.rounds.get(round_id)
+        a = getattr(m, "assignment", None)
+        return a is not None and a.requester == self.cfg.party
+
+    def _resolve(self, round_id: bytes, result: Outcome | Ended) -> None:
+        """Wake a waiting `submit`, and leave the result for `zerosum round` if we asked."""
+        fut = self.waiters.pop(round_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+        if self._requested_here(round_id):
+            self.requested.discard(round_id)
+            self._write_result(round_id, outcome_json(result))
+
+    def _write_result(self, round_id: bytes, data: dict[str, Any]) -> None:
+        out = self.cfg.state_dir / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f"{round_id.hex()}.tmp"
+        tmp.write_text(json.dumps(data))
+        tmp.replace(out / f"{round_id.hex()}.json")
+
+    async def _flush(self) -> None:
+        """Journal, produce and await acks for everything the last inputs caused."""
+        if not self._pending:
+            return
+        assert self._producer is not None
+        items = [(o.topic, w) for o in self._pending for w in o.wires]
+        self._pending.clear()
+        self.outbox.stage(items)
+        futures = [await self._producer.send(topic, wire) for topic, wire in items]
+        await asyncio.gather(*futures)
+        self.stats.sent += len(items)
+        self.outbox.done(self.party.chain)
+
+
+class _Stopping(Exception):
+    pass
+
+
+def outcome_json(result: Outcome | Ended) -> dict[str, Any]:
+    """A round's end as JSON for `zerosum round`: tokens in hex, values in scaled units."""
+    if isinstance(result, Ended):
+        return {"status": "aborted", "reason": result.reason.name, "detail": result.detail,
+                "culprits": list(result.culprits)}
+    return {"status": "published", "withheld": result.withheld,
+            "attributes": [[a.name, a.scale] for a in result.attributes],
+            "tokens": [bytes(t).hex() for t in result.tokens],
+            "totals": np.asarray(result.totals).tolist()}
+
+
+def load_outcome(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data

@@ -1,0 +1,207 @@
+"""Configuration: the consortium file shared by all, one TOML per party, private key files.
+
+Errors name the file and the field (`ConfigError`). Relative paths in a party file are relative
+to that file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.envelope import KemKind, PrivateParty, PublicParty, private_party, public_party
+from protocol.fixedpoint import AttributeSpec, parse_decimal
+from protocol.messages import check_party
+from protocol.tokens import CONSORTIUM_KEY_BYTES
+
+KEM_NAMES = {"x25519": KemKind.X25519, "mlkem768-x25519": KemKind.MLKEM768_X25519}
+
+
+class ConfigError(Exception):
+    """A configuration or key file is missing, unreadable, or has a bad field."""
+
+
+def topic_for(consortium: str, party: str) -> str:
+    return f"zerosum.{consortium}.{party}"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+
+
+def _get(table: dict[str, Any], key: str, typ: type, where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where}: missing field {key!r}")
+    value = table[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: field {key!r} must be {typ.__name__}, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+def _hex(table: dict[str, Any], key: str, where: str, size: int | None = None) -> bytes:
+    raw = _get(table, key, str, where)
+    try:
+        data = bytes.fromhex(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: field {key!r} is not hex") from exc
+    if size is not None and len(data) != size:
+        raise ConfigError(f"{where}: field {key!r} must be {size} bytes, got {len(data)}")
+    return data
+
+
+@dataclass(frozen=True)
+class Policy:
+    min_participants: int
+    deadline_s: float
+    min_holders: int
+
+
+@dataclass(frozen=True)
+class Consortium:
+    path: Path
+    id: str
+    bootstrap: str
+    coordinator: str
+    policy: Policy
+    attributes: dict[str, AttributeSpec]
+    registry: dict[str, PublicParty]
+
+    @property
+    def institutions(self) -> tuple[str, ...]:
+        return tuple(p for p in self.registry if p != self.coordinator)
+
+
+def load_consortium(path: Path) -> Consortium:
+    raw = _load(path)
+    w = str(path)
+    head = _get(raw, "consortium", dict, w)
+    cid = _get(head, "id", str, f"{w} [consortium]")
+    try:
+        check_party(cid, "consortium id")
+    except ValueError as exc:
+        raise ConfigError(f"{w} [consortium]: {exc}") from exc
+    pol = raw.get("policy", {})
+    policy = Policy(int(pol.get("min_participants", 2)), float(pol.get("deadline_s", 60)),
+                    int(pol.get("min_holders", 1)))
+    attributes: dict[str, AttributeSpec] = {}
+    for i, a in enumerate(_get(raw, "attributes", list, w)):
+        where = f"{w} [[attributes]] #{i + 1}"
+        name = _get(a, "name", str, where)
+        scale = _get(a, "scale", int, where)
+        try:
+            spec = AttributeSpec(name, scale, parse_decimal(str(_get(a, "min", str, where)), scale),
+                                 parse_decimal(str(_get(a, "max", str, where)), scale))
+        except (ValueError, ArithmeticError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        attributes[name] = spec
+    registry: dict[str, PublicParty] = {}
+    for name, p in _get(raw, "parties", dict, w).items():
+        where = f"{w} [parties.{name}]"
+        try:
+            check_party(name)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        kem_name = _get(p, "kem", str, where)
+        if kem_name not in KEM_NAMES:
+            raise ConfigError(f"{where}: kem must be one of {sorted(KEM_NAMES)}")
+        try:
+            registry[name] = public_party(
+                name, signing_key=_hex(p, "signing_key", where, 32), kem=KEM_NAMES[kem_name],
+                kem_key=_hex(p, "kem_key", where), topic=topic_for(cid, name))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    coordinator = _get(head, "coordinator", str, f"{w} [consortium]")
+    if coordinator not in registry:
+        raise ConfigError(f"{w}: coordinator {coordinator!r} has no [parties] entry")
+    return Consortium(path, cid, _get(head, "bootstrap", str, f"{w} [consortium]"), coordinator,
+                      policy, attributes, registry)
+
+
+@dataclass(frozen=True)
+class PartyConfig:
+    path: Path
+    party: str
+    consortium: Consortium
+    keys: PrivateParty
+    state_dir: Path
+    bootstrap: str
+    log_format: str
+    consortium_key: bytes | None  # institutions only
+    data: Path | None  # institutions only
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.party == self.consortium.coordinator
+
+    @property
+    def topic(self) -> str:
+        return topic_for(self.consortium.id, self.party)
+
+
+def _check_private_file(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{path}: a key file must be readable only by its owner "
+                          f"(chmod 600 {path})")
+
+
+def load_private_key(path: Path, party: str) -> PrivateParty:
+    _check_private_file(path)
+    raw = _load(path)
+    w = str(path)
+    kem_name = _get(raw, "kem", str, w)
+    if kem_name not in KEM_NAMES:
+        raise ConfigError(f"{w}: kem must be one of {sorted(KEM_NAMES)}")
+    try:
+        return private_party(party, signing_seed=_hex(raw, "signing_seed", w, 32),
+                             kem=KEM_NAMES[kem_name], kem_private=_hex(raw, "kem_private", w),
+                             secret=_hex(raw, "secret", w, 32))
+    except ValueError as exc:
+        raise ConfigError(f"{w}: {exc}") from exc
+
+
+def load_party(path: Path) -> PartyConfig:
+    raw = _load(path)
+    w = str(path)
+    base = path.parent
+
+    def rel(key: str) -> Path:
+        value: str = _get(raw, key, str, w)
+        return (base / value).resolve()
+
+    party = _get(raw, "party", str, w)
+    consortium = load_consortium(rel("consortium"))
+    if party not in consortium.registry:
+        raise ConfigError(f"{w}: party {party!r} is not in {consortium.path}")
+    keys = load_private_key(rel("private_key"), party)
+    if keys.signing_key.public_key() != consortium.registry[party].signing_key:
+        raise ConfigError(f"{w}: private_key does not match {party}'s public key in "
+                          f"{consortium.path}")
+    ckey = data = None
+    if party != consortium.coordinator:
+        kpath = rel("consortium_key")
+        _check_private_file(kpath)
+        ckey = _hex(_load(kpath), "key", str(kpath), CONSORTIUM_KEY_BYTES)
+        data = rel("data")
+    log_format = raw.get("log_format", "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{w}: log_format must be 'text' or 'json'")
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP") or raw.get("bootstrap") or consortium.bootstrap
+    return PartyConfig(path, party, consortium, keys, rel("state_dir"), str(bootstrap),
+                       log_format, ckey, data)

@@ -1,0 +1,107 @@
+"""Running agents: signals, logging, the `round` command's spool, and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agents.agent import Agent, load_outcome
+from agents.config import PartyConfig
+from agents.data import load_query
+from protocol.fixedpoint import format_decimal
+from protocol.messages import Scope
+from protocol.tokens import tokens_to_bytes
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": self.formatTime(record), "level": record.levelname,
+                           "logger": record.name, "message": record.getMessage()})
+
+
+def setup_logging(fmt: str, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+async def run_agent(cfg: PartyConfig) -> None:
+    """Run one agent until SIGTERM or SIGINT, then stop gracefully."""
+    agent = Agent(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    await agent.run()
+
+
+class RoundFailed(Exception):
+    """The round ended in an abort (or an error); the message carries the reason."""
+
+
+def request_round(cfg: PartyConfig, query: Path, *, scope: Scope, out: Path | None,
+                  participants: tuple[str, ...] | None, min_holders: int | None,
+                  timeout_s: float | None, progress_s: float = 5.0) -> dict[str, Any]:
+    """Hand a round request to this institution's running agent and wait for the result."""
+    if cfg.is_coordinator:
+        raise RoundFailed("rounds are requested by an institution, not by the coordinator")
+    assert cfg.consortium_key is not None
+    ids, tokens = load_query(query, cfg.consortium_key)
+    c = cfg.consortium
+    parts = participants or c.institutions
+    timeout = timeout_s or c.policy.deadline_s
+    rid = os.urandom(16)
+    spool = cfg.state_dir / "requests"
+    spool.mkdir(parents=True, exist_ok=True)
+    (spool / f"{rid.hex()}.tokens").write_bytes(tokens_to_bytes(tokens))
+    tmp = spool / f"{rid.hex()}.tmp"
+    tmp.write_text(json.dumps({
+        "round_id": rid.hex(), "participants": list(parts), "attributes": list(c.attributes),
+        "scope": str(scope), "min_holders": c.policy.min_holders if min_holders is None
+        else min_holders, "timeout_s": timeout}))
+    tmp.replace(spool / f"{rid.hex()}.json")
+    result_path = cfg.state_dir / "results" / f"{rid.hex()}.json"
+    t0 = time.monotonic()
+    last = t0
+    print(f"round {rid.hex()}: {len(ids)} customers, {len(parts)} institutions, scope {scope}",
+          file=sys.stderr)
+    while not result_path.exists():
+        now = time.monotonic()
+        if now - t0 > timeout + 30:
+            picked = not (spool / f"{rid.hex()}.json").exists()
+            raise RoundFailed(f"no result after {now - t0:.0f} s" + (
+                "" if picked else f"; is `zerosum institution --config {cfg.path}` running?"))
+        if now - last >= progress_s:
+            print(f"  waiting for the result ({now - t0:.0f} s)", file=sys.stderr)
+            last = now
+        time.sleep(0.1)  # polling a file the agent writes
+    data = load_outcome(result_path)
+    result_path.unlink()
+    if data["status"] != "published":
+        raise RoundFailed(f"round aborted: {data.get('reason', 'ERROR')}: {data.get('detail')}")
+    by_token = {tokens_to_bytes(tokens[i:i + 1]).hex(): cid for i, cid in enumerate(ids)}
+    attrs = [(str(n), int(s)) for n, s in data["attributes"]]
+    rows = [[by_token[t], str(v[0]), *(format_decimal(int(x), s)
+                                       for x, (_, s) in zip(v[1:], attrs, strict=True))]
+            for t, v in zip(data["tokens"], data["totals"], strict=True)]
+    header = ["customer_id", "holders", *(n for n, _ in attrs)]
+    if out is not None:
+        with open(out, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+    data["rows"] = rows
+    data["header"] = header
+    data["seconds"] = time.monotonic() - t0
+    return data
