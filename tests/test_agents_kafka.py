@@ -1,0 +1,231 @@
+"""Agents on the real broker: each party its own Agent with its own Kafka clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from agents.agent import Agent
+from agents.config import load_party
+from agents.demo import plaintext
+from agents.init import init_consortium
+from protocol.errors import AbortReason
+from protocol.machine import Ended, Outcome
+from protocol.messages import Scope
+from protocol.tokens import normalise_id, tokenize, tokens_to_bytes
+
+pytestmark = pytest.mark.kafka
+ATTRS = ("balance", "overdue_days")
+
+
+def make_consortium(tmp: Path, bootstrap: str, n: int, customers: int = 300) -> Path:
+    d = tmp / "consortium"
+    init_consortium(d, institutions=n, customers=customers, bootstrap=bootstrap,
+                    consortium=f"t{uuid.uuid4().hex[:10]}")
+    return d
+
+
+@contextlib.asynccontextmanager
+async def running(directory: Path, skip: tuple[str, ...] = ()) -> AsyncIterator[dict[str, Agent]]:
+    agents = {}
+    for c in sorted(directory.glob("*.toml")):
+        if c.name == "consortium.toml" or c.stem in skip:
+            continue
+        agents[c.stem] = Agent(load_party(c))
+    tasks = [asyncio.create_task(a.run(), name=name) for name, a in agents.items()]
+    try:
+        async with asyncio.timeout(60):
+            for a in agents.values():
+                await a.ready.wait()
+        yield agents
+    finally:
+        for a in agents.values():
+            a.stop()
+        async with asyncio.timeout(60):
+            await asyncio.gather(*tasks)
+
+
+def check(outcome: Outcome | Ended | None, ids: list[str], directory: Path) -> int:
+    """Every published row equals the plaintext sum; returns the number of rows."""
+    assert isinstance(outcome, Outcome), outcome
+    key = bytes.fromhex((directory / "keys" / "bank-1.consortium.key").read_text()
+                        .split('"')[1])
+    tokens = tokenize(ids, key)
+    by_token = {tokens_to_bytes(tokens[i:i + 1]): c for i, c in enumerate(ids)}
+    want = plaintext(directory / "data")
+    for i, t in enumerate(outcome.tokens):
+        cid = by_token[bytes(t)]
+        holders, bal, days = (int(v) for v in outcome.totals[i])
+        exp = want.get(normalise_id(cid), [Decimal(0)] * 3)
+        assert [Decimal(holders), Decimal(bal).scaleb(-2), Decimal(days)] == exp, cid
+    return int(outcome.tokens.size)
+
+
+def query_ids(directory: Path, k: int = 200) -> list[str]:
+    ids = set()
+    for f in (directory / "data").glob("*.csv"):
+        with open(f, newline="") as fh:
+            ids |= {r["customer_id"] for r in csv.DictReader(fh)}
+    return [*sorted(ids)[:k], "CUST-NOBODY-1", "CUST-NOBODY-2"]
+
+
+async def submit(agent: Agent, ids: list[str], scope: Scope = Scope.INTERSECTION, *,
+                 timeout_s: float = 60) -> Outcome | Ended | None:
+    key = agent.cfg.consortium_key
+    assert key is not None
+    return await agent.submit(os.urandom(16), tokenize(ids, key),
+                              participants=agent.cfg.consortium.institutions, attributes=ATTRS,
+                              scope=scope, timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+async def test_rounds_equal_plaintext_totals(kafka_bootstrap: str, tmp_path: Path,
+                                             n: int) -> None:
+    d = make_consortium(tmp_path, kafka_bootstrap, n)
+    ids = query_ids(d)
+    async with running(d) as agents:
+        for scope in Scope:
+            out = await submit(agents["bank-1"], ids, scope)
+            rows = check(out, ids, d)
+            assert rows > 0
+            if scope is Scope.QUERY:
+                assert isinstance(out, Outcome)
+                assert rows + out.withheld == len(ids)
+
+
+async def test_50_consecutive_and_20_concurrent_rounds(kafka_bootstrap: str,
+                                                       tmp_path: Path) -> None:
+    d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=200)
+    ids = query_ids(d, 100)
+    async with running(d) as agents:
+        banks = [agents[f"bank-{i}"] for i in (1, 2, 3)]
+        for r in range(50):
+            check(await submit(banks[r % 3], ids), ids, d)
+        results = await asyncio.gather(*(submit(banks[r % 3], ids, Scope.QUERY)
+                                         for r in range(20)))
+        assert sum(check(o, ids, d) for o in results) > 0
+        assert agents["coordinator"].stats.published == 70
+        assert agents["coordinator"].stats.aborted == 0
+
+
+async def test_a_silent_institution_times_out_by_name(kafka_bootstrap: str,
+                                                      tmp_path: Path) -> None:
+    d = make_consortium(tmp_path, kafka_bootstrap, 3)
+    async with running(d, skip=("bank-3",)) as agents:
+        out = await submit(agents["bank-1"], query_ids(d), timeout_s=3)
+        assert isinstance(out, Ended)
+        assert out.reason is AbortReason.TIMEOUT
+        assert "bank-3" in out.culprits
+
+
+async def test_raw_topics_hold_no_plaintext(kafka_bootstrap: str, tmp_path: Path) -> None:
+    d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=150)
+    ids = query_ids(d, 150)
+    async with running(d) as agents:
+        for scope in Scope:
+            check(await submit(agents["bank-2"], ids, scope), ids, d)
+        topics = [p.topic for p in agents["bank-1"].cfg.consortium.registry.values()]
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    dump = b""
+    try:
+        tps = [TopicPartition(t, 0) for t in topics]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            batch = await consumer.getmany(timeout_ms=5000)
+            assert batch, "topics did not deliver up to their end offsets"
+            dump += b"".join(r.value for rs in batch.values() for r in rs)
+    finally:
+        await consumer.stop()
+    assert len(dump) > 10_000
+    leaks = [c for c in ids[:150] if c.encode() in dump]
+    with open(d / "data" / "bank-1.csv", newline="") as fh:
+        balances = [r["balance"] for r in csv.DictReader(fh)]
+    leaks += [b for b in balances if len(b) > 7 and b.encode() in dump]
+    leaks += [b for b in balances
+              if abs(int(Decimal(b) * 100)) > 10**6
+              and int(Decimal(b) * 100).to_bytes(8, "little", signed=True) in dump]
+    assert leaks == []
+
+
+async def test_round_cli_prints_totals_and_reports_aborts(kafka_bootstrap: str,
+                                                          tmp_path: Path) -> None:
+    d = make_consortium(tmp_path, kafka_bootstrap, 3)
+    ids = query_ids(d, 50)
+    q = tmp_path / "q.csv"
+    q.write_text("customer_id\n" + "\n".join(ids) + "\n")
+    out_csv = tmp_path / "r.csv"
+    exe = Path(sys.executable).parent / "zerosum"
+    async with running(d):
+        proc = await asyncio.create_subprocess_exec(
+            str(exe), "round", "--config", str(d / "bank-1.toml"), "--query", str(q),
+            "--out", str(out_csv), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(120):
+            stdout, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert "published" in stdout.decode()
+        want = plaintext(d / "data")
+        with open(out_csv, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert rows
+        for r in rows:
+            exp = want[normalise_id(r["customer_id"])]
+            assert [Decimal(r["holders"]), Decimal(r["balance"]),
+                    Decimal(r["overdue_days"])] == exp
+        proc = await asyncio.create_subprocess_exec(
+            str(exe), "round", "--config", str(d / "bank-1.toml"), "--query", str(q),
+            "--participants", "bank-1,bank-9", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(120):
+            _, stderr = await proc.communicate()
+        assert proc.returncode == 1
+        assert "BAD_REQUEST" in stderr.decode()
+        assert "bank-9" in stderr.decode()
+
+
+async def test_restarting_an_institution_mid_stream(kafka_bootstrap: str,
+                                                    tmp_path: Path) -> None:
+    """Stop bank-2 while rounds stream; restart it: every round ends correct or aborted."""
+    d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=200)
+    ids = query_ids(d, 100)
+    async with running(d, skip=("bank-2",)) as agents:
+        cfg = load_party(d / "bank-2.toml")
+        outcomes: list[Outcome | Ended | None] = []
+        for cycle in range(3):
+            b2 = Agent(cfg)
+            task = asyncio.create_task(b2.run())
+            async with asyncio.timeout(60):
+                await b2.ready.wait()
+            pending = [asyncio.create_task(submit(agents["bank-1"], ids, timeout_s=8))
+                       for _ in range(4)]
+            await asyncio.sleep(0)  # let the requests go out before the stop
+            b2.stop()
+            await task
+            if cycle == 2:
+                b2 = Agent(cfg)
+                task = asyncio.create_task(b2.run())
+            outcomes += await asyncio.gather(*pending)
+            if cycle == 2:
+                b2.stop()
+                await task
+        for o in outcomes:
+            if isinstance(o, Outcome):
+                check(o, ids, d)
+            else:
+                assert isinstance(o, Ended)
+                assert o.reason in (AbortReason.TIMEOUT,)
+        assert len(outcomes) == 12
+        assert agents["coordinator"].stats.published + agents["coordinator"].stats.aborted == 12

@@ -1,0 +1,97 @@
+"""Bad data files and configuration: clear errors naming file, row, column or field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agents.cli import main
+from agents.config import ConfigError, load_consortium, load_party
+from agents.data import DataFileError, Snapshot, load_table
+from agents.init import DEFAULT_ATTRIBUTES, init_consortium
+
+ATTRS = {a.name: a for a in DEFAULT_ATTRIBUTES}
+KEY = bytes(32)
+
+
+def _csv(tmp: Path, text: str) -> Path:
+    p = tmp / "d.csv"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("id,balance\n", "row 1: no 'customer_id'"),
+    ("customer_id,salary\n", "row 1: column 'salary'"),
+    ("customer_id,balance\na,12.345\n", "row 2, column balance: .*more than 2 decimal"),
+    ("customer_id,balance\na,1\nb,x\n", "row 3, column balance: not a decimal"),
+    ("customer_id,balance\na,1\nA ,2\n", "row 3, column customer_id: the same customer as row 2"),
+    ("customer_id,balance\na,1,2\n", "row 2: 3 fields"),
+    ("customer_id,overdue_days\na,-1\n", "row 2, column overdue_days: .*outside"),
+    ("", "empty file"),
+])
+def test_bad_files_are_named_precisely(tmp_path: Path, text: str, where: str) -> None:
+    p = _csv(tmp_path, text)
+    with pytest.raises(DataFileError, match=f"{p}: {where}"):
+        load_table(p, ATTRS, KEY)
+
+
+def test_snapshot_keeps_the_last_good_table(tmp_path: Path) -> None:
+    p = _csv(tmp_path, "customer_id,balance\na,1.00\nb,2.50\n")
+    snap = Snapshot(p, ATTRS, KEY)
+    first = snap.refresh()
+    assert len(first) == 2
+    p.write_text("customer_id,balance\na,oops\n")
+    os.utime(p, ns=(1, 1))
+    assert snap.refresh() is first
+    p.write_text("customer_id,balance\na,1.00\nb,2.50\nc,3\n")
+    assert len(snap.refresh()) == 3
+
+
+def test_init_writes_a_consortium_that_loads(tmp_path: Path) -> None:
+    init_consortium(tmp_path / "c", institutions=3, customers=20, bootstrap="127.0.0.1:1")
+    cfg = load_party(tmp_path / "c" / "bank-2.toml")
+    assert cfg.consortium.institutions == ("bank-1", "bank-2", "bank-3")
+    assert cfg.topic == f"zerosum.{cfg.consortium.id}.bank-2"
+    for key in (tmp_path / "c" / "keys").iterdir():
+        assert key.stat().st_mode & 0o077 == 0, key
+    with pytest.raises(FileExistsError):
+        init_consortium(tmp_path / "c", institutions=3, customers=20, bootstrap="x")
+
+
+def test_a_readable_key_file_is_refused(tmp_path: Path) -> None:
+    init_consortium(tmp_path, institutions=2, customers=5, bootstrap="127.0.0.1:1")
+    (tmp_path / "keys" / "bank-1.key").chmod(0o644)
+    with pytest.raises(ConfigError, match="readable only by its owner"):
+        load_party(tmp_path / "bank-1.toml")
+
+
+def test_config_errors_name_file_and_field(tmp_path: Path) -> None:
+    init_consortium(tmp_path, institutions=2, customers=5, bootstrap="127.0.0.1:1")
+    c = tmp_path / "consortium.toml"
+    c.write_text(c.read_text().replace('scale = 2', 'scale = "two"'))
+    with pytest.raises(ConfigError, match=r"consortium.toml \[\[attributes\]\] #1: field 'scale'"):
+        load_consortium(c)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_party(tmp_path / "missing.toml")
+
+
+def test_cli_reports_a_bad_config_without_a_traceback(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["institution", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml: no such file" in capsys.readouterr().err
+    init_consortium(tmp_path / "c", institutions=2, customers=5, bootstrap="127.0.0.1:1")
+    assert main(["coordinator", "--config", str(tmp_path / "c" / "bank-1.toml")]) == 2
+    assert "use `zerosum institution`" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in (["--help"], ["broker", "start", "--help"], ["init", "--help"],
+                ["coordinator", "--help"], ["institution", "--help"], ["round", "--help"],
+                ["demo", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(cmd)
+        assert info.value.code == 0
+        assert "usage: zerosum" in capsys.readouterr().out
