@@ -137,15 +137,13 @@ class Agent:
                 await self._recover()
                 self.ready.set()
                 self.log.info("%s ready on %s (topic %s)", cfg.party, cfg.bootstrap, cfg.topic)
+                # each loop finishes the batch in hand (flush, commit) and returns once stop()
+                # is called: nothing is cancelled half way through a produce or a commit
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._consume())
                     tg.create_task(self._timer_loop())
                     if isinstance(self.party, InstitutionParty):
                         tg.create_task(self._spool_loop())
-                    await self._stop.wait()
-                    raise _Stopping
-            except* _Stopping:
-                pass
             finally:
                 await self._consumer.stop()
         finally:
@@ -358,10 +356,6 @@ class Agent:
         await asyncio.gather(*futures)
         self.stats.sent += len(items)
         self.outbox.done(self.party.chain)
-
-
-class _Stopping(Exception):
-    pass
 
 
 def outcome_json(result: Outcome | Ended) -> dict[str, Any]:
