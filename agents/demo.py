@@ -23,17 +23,18 @@ from protocol.messages import Scope
 from protocol.tokens import normalise_id, tokenize, tokens_to_bytes
 
 
-def plaintext(data_dir: Path) -> dict[str, list[Decimal]]:
-    """customer id -> [holders, balance, overdue_days], summed in the clear from the CSVs."""
+def plaintext(data_dir: Path,
+              columns: tuple[str, ...] = ("balance", "overdue_days")) -> dict[str, list[Decimal]]:
+    """customer id -> [holders, *columns], summed in the clear from the CSVs."""
     totals: dict[str, list[Decimal]] = {}
     for f in sorted(data_dir.glob("*.csv")):
         with open(f, newline="") as fh:
             for row in csv.DictReader(fh):
                 t = totals.setdefault(normalise_id(row["customer_id"]),
-                                      [Decimal(0), Decimal(0), Decimal(0)])
+                                      [Decimal(0)] * (1 + len(columns)))
                 t[0] += 1
-                t[1] += Decimal(row["balance"])
-                t[2] += Decimal(row["overdue_days"])
+                for i, c in enumerate(columns, start=1):
+                    t[i] += Decimal(row[c])
     return totals
 
 

@@ -41,16 +41,21 @@ def _party_keys(directory: Path, name: str, kem: KemKind) -> str:
             f'kem_key = "{kem_pub.hex()}"\n')
 
 
-def sample_rows(rng: random.Random, customers: int, universe: int) -> list[tuple[str, str, str]]:
-    """Sample data: ids drawn from a shared universe so institutions overlap."""
+def sample_rows(rng: random.Random, customers: int, universe: int,
+                attributes: tuple[AttributeSpec, ...] = DEFAULT_ATTRIBUTES) -> list[list[str]]:
+    """Sample data: ids drawn from a shared universe so institutions overlap; values within
+    each attribute's bounds (negative and fractional where the bounds allow)."""
     chosen = rng.sample(range(universe), min(customers, universe))
-    return [(f"CUST-{i:08d}", f"{rng.randint(-50_000_00, 2_000_000_00) / 100:.2f}",
-             str(rng.choice([0, 0, 0, rng.randint(1, 400)]))) for i in sorted(chosen)]
+    ranges = [(s, max(s.min, -5 * 10**(6 + s.scale)), min(s.max, 2 * 10**(6 + s.scale)))
+              for s in attributes]
+    return [[f"CUST-{i:08d}", *(s.format(rng.randint(lo, hi)) for s, lo, hi in ranges)]
+            for i in sorted(chosen)]
 
 
 def init_consortium(directory: Path, *, institutions: int, customers: int, bootstrap: str,
                     consortium: str = "demo", kem: KemKind = KemKind.X25519,
-                    keep_existing: bool = False) -> list[Path]:
+                    keep_existing: bool = False,
+                    attributes: tuple[AttributeSpec, ...] = DEFAULT_ATTRIBUTES) -> list[Path]:
     """Write consortium.toml, coordinator.toml, bank-N.toml, keys/ and data/ under directory.
 
     Returns the party config files. Refuses to overwrite an existing consortium unless
@@ -69,7 +74,7 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
     parts = [f'[consortium]\nid = "{consortium}"\nbootstrap = "{bootstrap}"\n'
              'coordinator = "coordinator"\n',
              "[policy]\nmin_participants = 2\ndeadline_s = 120\nmin_holders = 1\n"]
-    for a in DEFAULT_ATTRIBUTES:
+    for a in attributes:
         parts.append(f'[[attributes]]\nname = "{a.name}"\nscale = {a.scale}\n'
                      f'min = "{a.format(a.min)}"\nmax = "{a.format(a.max)}"\n')
     parts.append(_party_keys(directory, "coordinator", kem))
@@ -82,8 +87,9 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
         data = directory / "data" / f"{name}.csv"
         data.parent.mkdir(exist_ok=True)
         with open(data, "w") as fh:
-            fh.write("customer_id,balance,overdue_days\n")
-            fh.writelines(",".join(r) + "\n" for r in sample_rows(rng, customers, universe))
+            fh.write(",".join(["customer_id", *(a.name for a in attributes)]) + "\n")
+            fh.writelines(",".join(r) + "\n"
+                          for r in sample_rows(rng, customers, universe, attributes))
     (directory / "consortium.toml").write_text(
         f"# The consortium: shared by every party. Topics: {topic_for(consortium, '<party>')}\n"
         + "\n".join(parts))

@@ -229,3 +229,90 @@ async def test_restarting_an_institution_mid_stream(kafka_bootstrap: str,
                 assert o.reason in (AbortReason.TIMEOUT,)
         assert len(outcomes) == 12
         assert agents["coordinator"].stats.published + agents["coordinator"].stats.aborted == 12
+
+
+async def test_a_round_of_200000_customers_by_4_attributes_chunked(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    from protocol.envelope import CHUNK_BYTES
+    from protocol.fixedpoint import AttributeSpec
+
+    specs = (AttributeSpec("balance", 2, -10**13, 10**13),
+             AttributeSpec("limit", 2, 0, 10**13),
+             AttributeSpec("overdue_days", 0, 0, 36_500),
+             AttributeSpec("rate", 4, -10**6, 10**6))
+    names = tuple(s.name for s in specs)
+    d = tmp_path / "big"
+    init_consortium(d, institutions=3, customers=200_000, bootstrap=kafka_bootstrap,
+                    consortium=f"big{uuid.uuid4().hex[:8]}", attributes=specs)
+    ids = [f"CUST-{i:08d}" for i in range(0, 400_000, 2)]  # 200,000 customers asked
+    async with running(d) as agents:
+        b1 = agents["bank-1"]
+        assert b1.cfg.consortium_key is not None
+        out = await b1.submit(
+            os.urandom(16), tokenize(ids, b1.cfg.consortium_key),
+            participants=b1.cfg.consortium.institutions, attributes=names,
+            scope=Scope.QUERY, min_holders=0, timeout_s=300)
+        sent = {n: a.stats.sent for n, a in agents.items()}
+    assert isinstance(out, Outcome), out
+    assert out.tokens.size == 200_000
+    assert out.totals.shape == (200_000, 5)
+    # E_S alone is 200,000 x 5 x 8 bytes: it had to travel in chunks
+    assert CHUNK_BYTES < 200_000 * 5 * 8
+    assert max(sent.values()) > 8
+    want = plaintext(d / "data", names)
+    key = bytes.fromhex((d / "keys" / "bank-1.consortium.key").read_text().split('"')[1])
+    tokens = tokenize(ids, key)
+    row_of = {tokens_to_bytes(tokens[i:i + 1]): i for i in range(len(ids))}
+    zero = [Decimal(0)] * 5
+    for r, t in enumerate(out.tokens):
+        cid = ids[row_of[bytes(t)]]
+        got = [Decimal(int(v)).scaleb(-s) for v, s in
+               zip(out.totals[r], (0, *(sp.scale for sp in specs)), strict=True)]
+        assert got == want.get(normalise_id(cid), zero), cid
+
+
+async def _start_process(config: Path) -> asyncio.subprocess.Process:
+    exe = Path(sys.executable).parent / "zerosum"
+    proc = await asyncio.create_subprocess_exec(
+        str(exe), "institution", "--config", str(config), stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    async with asyncio.timeout(60):  # wait for its "ready" line, not for a fixed time
+        while b" ready on " not in (line := await proc.stderr.readline()):
+            assert line, "the agent exited before it was ready"
+    return proc
+
+
+async def test_sigterm_to_an_institution_process_mid_stream(kafka_bootstrap: str,
+                                                            tmp_path: Path) -> None:
+    import signal
+
+    d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=200)
+    ids = query_ids(d, 100)
+    results: list[Outcome | Ended | None] = []
+    async with running(d, skip=("bank-2",)) as agents:
+        for _ in range(3):
+            proc = await _start_process(d / "bank-2.toml")
+            stream = [asyncio.create_task(submit(agents["bank-1"], ids, timeout_s=15))
+                      for _ in range(5)]
+            await asyncio.sleep(0)  # yield once so the requests are under way
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(60):
+                assert await proc.wait() == 0  # a graceful stop
+            proc = await _start_process(d / "bank-2.toml")  # and back, from the topics
+            results += await asyncio.gather(*stream)
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(60):
+                assert await proc.wait() == 0
+        coordinator = agents["coordinator"].stats
+    assert len(results) == 15
+    published = [r for r in results if isinstance(r, Outcome)]
+    for r in results:
+        if isinstance(r, Outcome):
+            check(r, ids, d)
+        else:
+            assert isinstance(r, Ended)
+            assert r.reason is AbortReason.TIMEOUT
+    assert len({r.round_id for r in results if r is not None}) == 15
+    assert coordinator.published == len(published)
+    assert coordinator.published + coordinator.aborted == 15
+    assert published, "no round survived the restarts"
