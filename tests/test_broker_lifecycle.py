@@ -14,29 +14,17 @@ import uuid
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.broker import BrokerError, LocalBroker, free_port, read_properties
 from agents.cli import main
+from tests.kafka_util import new_topic, produce
 
 pytestmark = pytest.mark.kafka
 
 
 async def _write(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
-    await producer.start()
-    try:
-        for v in values:
-            await producer.send_and_wait(topic, v)
-    finally:
-        await producer.stop()
+    await produce(bootstrap, await new_topic(bootstrap, topic), values)
 
 
 async def _read_all(bootstrap: str, topic: str, n: int) -> list[bytes]:

@@ -5,64 +5,30 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tests.kafka_util import new_topic, produce, take
 
 pytestmark = pytest.mark.kafka
 
-WAIT_MS = 20_000
-
-
-async def _topic(bootstrap: str) -> str:
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
-    return name
-
-
-async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> list[int]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
-    await producer.start()
-    try:
-        return [(await producer.send_and_wait(topic, v)).offset for v in values]
-    finally:
-        await producer.stop()
-
-
-async def _take(consumer: AIOKafkaConsumer, n: int) -> list[bytes]:
-    """Exactly n records, waiting on the fetch itself (bounded), never on a sleep."""
-    out: list[bytes] = []
-    while len(out) < n:
-        batch = await consumer.getmany(timeout_ms=WAIT_MS, max_records=n - len(out))
-        if not batch:
-            raise AssertionError(f"only {len(out)} of {n} records arrived within {WAIT_MS} ms")
-        for records in batch.values():
-            out += [r.value for r in records]
-    return out
-
-
 async def test_idempotent_producer_with_acks_all_appends_in_order(kafka_bootstrap: str) -> None:
-    topic = await _topic(kafka_bootstrap)
+    topic = await new_topic(kafka_bootstrap)
     values = [f"v{i}".encode() for i in range(20)]
-    offsets = await _produce(kafka_bootstrap, topic, values)
+    offsets = await produce(kafka_bootstrap, topic, values)
     assert offsets == list(range(20))
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     try:
-        assert await _take(consumer, 20) == values
+        assert await take(consumer, 20) == values
     finally:
         await consumer.stop()
 
 
 async def test_group_with_manual_commit_resumes_where_it_committed(kafka_bootstrap: str) -> None:
-    topic = await _topic(kafka_bootstrap)
+    topic = await new_topic(kafka_bootstrap)
     values = [f"m{i}".encode() for i in range(10)]
-    await _produce(kafka_bootstrap, topic, values)
+    await produce(kafka_bootstrap, topic, values)
     group = f"g-{uuid.uuid4().hex[:8]}"
     tp = TopicPartition(topic, 0)
 
@@ -70,7 +36,7 @@ async def test_group_with_manual_commit_resumes_where_it_committed(kafka_bootstr
                              auto_offset_reset="earliest", enable_auto_commit=False)
     await first.start()
     try:
-        got = await _take(first, 6)
+        got = await take(first, 6)
         assert got == values[:6]
         await first.commit({tp: 4})  # only the first four are "done"
     finally:
@@ -80,16 +46,16 @@ async def test_group_with_manual_commit_resumes_where_it_committed(kafka_bootstr
                               auto_offset_reset="earliest", enable_auto_commit=False)
     await second.start()
     try:
-        assert await _take(second, 6) == values[4:]
+        assert await take(second, 6) == values[4:]
         assert await second.committed(tp) == 4
     finally:
         await second.stop()
 
 
 async def test_replay_from_the_beginning_with_seek_to_beginning(kafka_bootstrap: str) -> None:
-    topic = await _topic(kafka_bootstrap)
+    topic = await new_topic(kafka_bootstrap)
     values = [f"r{i}".encode() for i in range(5)]
-    await _produce(kafka_bootstrap, topic, values)
+    await produce(kafka_bootstrap, topic, values)
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -98,8 +64,8 @@ async def test_replay_from_the_beginning_with_seek_to_beginning(kafka_bootstrap:
         await consumer.seek_to_end(tp)
         assert await consumer.position(tp) == 5
         await consumer.seek_to_beginning(tp)
-        assert await _take(consumer, 5) == values
+        assert await take(consumer, 5) == values
         await consumer.seek_to_beginning(tp)
-        assert await _take(consumer, 5) == values
+        assert await take(consumer, 5) == values
     finally:
         await consumer.stop()
