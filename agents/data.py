@@ -1,4 +1,4 @@
-"""An institution's data file: CSV with `customer_id` and one column per attribute.
+"""An institution's data file: CSV or Parquet with `customer_id` and one column per attribute.
 
 Loaded into a `LocalTable` of tokens (identifiers are hashed at load and never kept) and int64
 values at each attribute's scale. A bad file raises `DataFileError` naming file, row and column;
@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,52 +29,77 @@ class DataFileError(Exception):
 
 
 def load_table(path: Path, attributes: dict[str, AttributeSpec], key: bytes) -> LocalTable:
-    """Read a CSV into a table. Row numbers in errors count the header as row 1."""
+    """Read a CSV or Parquet file (by its suffix) into a table.
+
+    Row numbers in errors: in a CSV the header is row 1; in Parquet the first record is row 1.
+    """
+    if path.suffix.lower() in (".parquet", ".pq"):
+        header, rows = _parquet_rows(path)
+        return _build(path, header, rows, attributes, key, first_row=1)
     try:
         fh = open(path, newline="", encoding="utf-8")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise DataFileError(f"{path}: cannot open: {exc.strerror}") from exc
     with fh:
         reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
+        first: list[str] | None = next(reader, None)
+        if first is None:
             raise DataFileError(f"{path}: empty file (expected a header row)")
-        header = [h.strip() for h in header]
-        if ID_COLUMN not in header:
-            raise DataFileError(f"{path}: row 1: no {ID_COLUMN!r} column")
-        names = [h for h in header if h != ID_COLUMN]
-        unknown = [h for h in names if h not in attributes]
-        if unknown:
-            raise DataFileError(f"{path}: row 1: column {unknown[0]!r} is not an attribute of "
-                                f"the consortium ({', '.join(attributes)})")
-        id_at = header.index(ID_COLUMN)
-        cols = [(header.index(n), attributes[n]) for n in names]
-        ids: list[str] = []
-        values: list[list[int]] = []
-        first_row: dict[str, int] = {}
-        for row_no, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(header):
-                raise DataFileError(f"{path}: row {row_no}: {len(row)} fields, the header has "
-                                    f"{len(header)}")
-            cid = row[id_at]
-            norm = normalise_id(cid)
-            if not norm:
-                raise DataFileError(f"{path}: row {row_no}, column {ID_COLUMN}: empty")
-            if norm in first_row:
-                raise DataFileError(f"{path}: row {row_no}, column {ID_COLUMN}: the same "
-                                    f"customer as row {first_row[norm]}")
-            first_row[norm] = row_no
-            vals = []
-            for at, spec in cols:
-                try:
-                    vals.append(spec.parse(row[at]))
-                except ValueRangeError as exc:
-                    raise DataFileError(f"{path}: row {row_no}, column {spec.name}: "
-                                        f"{exc}") from exc
-            ids.append(cid)
-            values.append(vals)
+        return _build(path, [h.strip() for h in first], reader, attributes, key, first_row=2)
+
+
+def _parquet_rows(path: Path) -> tuple[list[str], Iterable[list[str]]]:
+    """Columns and rows of a Parquet file as text, so both formats share one validation."""
+    import pyarrow.parquet as pq  # only Parquet users pay for the import
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:
+        raise DataFileError(f"{path}: not a readable Parquet file: {exc}") from exc
+    header = [str(n) for n in table.column_names]
+    columns = [["" if v is None else str(v) for v in table.column(i).to_pylist()]
+               for i in range(table.num_columns)]
+    return header, (list(r) for r in zip(*columns, strict=True))
+
+
+def _build(path: Path, header: list[str], rows: Iterable[list[str]],
+           attributes: dict[str, AttributeSpec], key: bytes, *, first_row: int) -> LocalTable:
+    head = "row 1" if first_row == 2 else "header"
+    if ID_COLUMN not in header:
+        raise DataFileError(f"{path}: {head}: no {ID_COLUMN!r} column")
+    names = [h for h in header if h != ID_COLUMN]
+    unknown = [h for h in names if h not in attributes]
+    if unknown:
+        raise DataFileError(f"{path}: {head}: column {unknown[0]!r} is not an attribute of "
+                            f"the consortium ({', '.join(attributes)})")
+    id_at = header.index(ID_COLUMN)
+    cols = [(header.index(n), attributes[n]) for n in names]
+    ids: list[str] = []
+    values: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for row_no, row in enumerate(rows, start=first_row):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise DataFileError(f"{path}: row {row_no}: {len(row)} fields, the header has "
+                                f"{len(header)}")
+        cid = row[id_at]
+        norm = normalise_id(cid)
+        if not norm:
+            raise DataFileError(f"{path}: row {row_no}, column {ID_COLUMN}: empty")
+        if norm in seen:
+            raise DataFileError(f"{path}: row {row_no}, column {ID_COLUMN}: the same "
+                                f"customer as row {seen[norm]}")
+        seen[norm] = row_no
+        vals = []
+        for at, spec in cols:
+            try:
+                vals.append(spec.parse(row[at]))
+            except ValueRangeError as exc:
+                raise DataFileError(f"{path}: row {row_no}, column {spec.name}: "
+                                    f"{exc}") from exc
+        ids.append(cid)
+        values.append(vals)
     arr = np.array(values, dtype=np.int64).reshape(len(values), len(names))
     return LocalTable.build(tokenize(ids, key), arr, tuple(names))
 

@@ -95,3 +95,25 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
             main(cmd)
         assert info.value.code == 0
         assert "usage: zerosum" in capsys.readouterr().out
+
+
+def test_parquet_data_loads_like_csv_and_errors_name_the_row(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from protocol.tokens import tokenize
+
+    good = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"customer_id": ["a", "b"], "balance": ["1.50", "-2"],
+                             "overdue_days": [3, 0]}), good)
+    table = load_table(good, ATTRS, KEY)
+    x = table.aligned(tokenize(["b", "a", "c"], KEY), ("balance", "overdue_days"))
+    assert x.view("int64").tolist() == [[1, -200, 0], [1, 150, 3], [0, 0, 0]]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"customer_id": ["a", "b"], "balance": [1.5, 1.234]}), bad)
+    with pytest.raises(DataFileError, match=r"bad.parquet: row 2, column balance"):
+        load_table(bad, ATTRS, KEY)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet")
+    with pytest.raises(DataFileError, match="not a readable Parquet file"):
+        load_table(junk, ATTRS, KEY)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.driver import CONSORTIUM, keys_for
 from protocol.envelope import (
@@ -187,3 +190,31 @@ def test_garbage_raises_typed_errors(data: bytes) -> None:
         verify(data, registry, CONSORTIUM)
     with pytest.raises(ZerosumError):
         inbox.receive(data)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(data=st.binary(max_size=2048))
+def test_fuzzed_bytes_into_the_inbox_raise_only_typed_errors(data: bytes) -> None:
+    _, inbox, _ = _setup()
+    with contextlib.suppress(ZerosumError):
+        inbox.receive(data)
+
+
+_VALID = _seal(b"a body of some length" * 4, Chain())[0]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)),
+                      min_size=1, max_size=4), cut=st.integers(0, len(_VALID)))
+def test_mutated_envelopes_are_rejected_with_typed_errors(edits: list[tuple[int, int]],
+                                                          cut: int) -> None:
+    data = bytearray(_VALID)
+    for pos, byte in edits:
+        data[pos] = byte
+    data = data[:cut] if cut < len(data) else data
+    _, inbox, _ = _setup()
+    if bytes(data) == _VALID:
+        assert inbox.receive(bytes(data)) is not None
+        return
+    with pytest.raises(ZerosumError):
+        inbox.receive(bytes(data))
