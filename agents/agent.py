@@ -31,6 +31,7 @@ from agents.config import PartyConfig
 from agents.data import Snapshot
 from agents.outbox import Outbox
 from protocol.coordinator import CoordinatorPolicy
+from protocol.envelope import digest
 from protocol.machine import Ended, Outcome, Published, SetTimer
 from protocol.messages import Scope
 from protocol.party import CoordinatorParty, Event, InstitutionParty, Outgoing, Rejected
@@ -156,14 +157,18 @@ class Agent:
         assert self._consumer is not None
         pending = self.outbox.pending()
         if pending:
-            self.log.info("re-sending %d journaled envelopes", len(pending))
-            futures = [await self._producer.send(topic, wire) for topic, wire in pending]
+            landed = await self._landed({t for t, _ in pending}, len(pending))
+            missing = [(t, w) for t, w in pending if digest(w) not in landed]
+            self.log.info("%d journaled envelopes: %d on the bus already, re-sending %d",
+                          len(pending), len(pending) - len(missing), len(missing))
+            futures = [await self._producer.send(topic, wire) for topic, wire in missing]
             await asyncio.gather(*futures)
             self.outbox.done(self.party.chain)
         tp = TopicPartition(self.cfg.topic, 0)
         self._consumer.assign([tp])
         committed = await self._consumer.committed(tp) or 0
-        await self._consumer.seek_to_beginning(tp)
+        start = (await self._consumer.beginning_offsets([tp]))[tp]
+        self._consumer.seek(tp, start)
         if committed == 0:
             return
         self._replaying = True
@@ -188,6 +193,31 @@ class Agent:
             self._pending.clear()
             self.log.info("replayed %d inputs up to offset %d; %d rounds in flight",
                           self.stats.replayed, committed, len(self.party.running()))
+
+    async def _landed(self, topics: set[str], pending: int) -> set[bytes]:
+        """Digests of the last records of `topics`: which journaled envelopes landed.
+
+        Only the tail can hold them: the journal is emptied after every acknowledged batch, so
+        its envelopes are among the last ones this party wrote to each topic."""
+        reader = AIOKafkaConsumer(bootstrap_servers=self.cfg.bootstrap,
+                                  enable_auto_commit=False,
+                                  max_partition_fetch_bytes=MAX_REQUEST_BYTES * 4)
+        await reader.start()
+        found: set[bytes] = set()
+        try:
+            tps = [TopicPartition(t, 0) for t in topics]
+            reader.assign(tps)
+            ends = await reader.end_offsets(tps)
+            for tp in tps:
+                reader.seek(tp, max(ends[tp] - pending - 10_000, 0))
+            while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
+                batch = await reader.getmany(timeout_ms=5000)
+                if not batch:
+                    break
+                found |= {digest(r.value) for rs in batch.values() for r in rs}
+        finally:
+            await reader.stop()
+        return found
 
     # -- loops -------------------------------------------------------------------------------
     async def _consume(self) -> None:

@@ -55,6 +55,7 @@ class Network:
     timers: dict[tuple[str, bytes], int] = field(default_factory=dict)
     delivered: int = 0
     wire_log: list[bytes] = field(default_factory=list)
+    topic_log: list[tuple[str, bytes]] = field(default_factory=list)  # (topic, wire) as sent
 
     def party(self, name: str) -> CoordinatorParty | InstitutionParty:
         return self.coordinator if name == self.coordinator.me.party_id else \
@@ -67,6 +68,7 @@ class Network:
                 for w in e.wires:
                     self.in_flight.append((e.recipient, w, False))
                     self.wire_log.append(w)
+                    self.topic_log.append((e.topic, w))
             elif isinstance(e, SetTimer):
                 self.timers[(who, e.round_id)] = e.at_ms
             self.events[who].append(e)

@@ -182,7 +182,8 @@ class InstitutionRound(RoundMachine):
     def _on_abort(self, sender: str, m: RoundAbort) -> list[Output]:
         if sender != self.ctx.coordinator:
             return self.invalid(sender, m)
-        return self.abort(m.reason, m.detail, m.culprits)
+        # the coordinator ended the round: end it here without telling it back
+        return RoundMachine.abort(self, m.reason, m.detail, m.culprits)
 
     def _on_deadline(self, sender: str, _: Deadline) -> list[Output]:
         return self.abort(AbortReason.TIMEOUT,

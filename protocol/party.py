@@ -24,7 +24,7 @@ from protocol.errors import (
 from protocol.fixedpoint import AttributeSpec
 from protocol.institution import InstitutionContext, InstitutionRound
 from protocol.machine import Deadline, Output, RoundMachine, Send
-from protocol.messages import Message, RoundRequest, Scope
+from protocol.messages import Message, RoundAbort, RoundRequest, RoundResult, Scope
 from protocol.tokens import LocalTable, Tokens
 
 MAX_ROUNDS_KEPT = 100_000
@@ -74,6 +74,8 @@ class _Party:
             return [Rejected(exc)]
         if delivery is None:
             return []
+        if delivery.sender == self.me.party_id:
+            return []  # our own receipt of a round's end (see CoordinatorParty._finish)
         try:
             msg = self._decode(delivery)
             return self._finish(self._route(delivery.sender, msg))
@@ -125,6 +127,18 @@ class _Party:
 
 
 class CoordinatorParty(_Party):
+    """The coordinator. It also seals each round's result or abort to itself, once: a receipt
+    in its own inbox, so that an audit with its key can compare what it published with the sum
+    of what it received (it cannot open what it sealed to the institutions)."""
+
+    def _finish(self, outputs: list[Output]) -> list[Event]:
+        events = super()._finish(outputs)
+        receipts: dict[bytes, Send] = {}
+        for o in outputs:
+            if isinstance(o, Send) and isinstance(o.message, RoundResult | RoundAbort):
+                receipts.setdefault(o.message.round_id, Send(self.me.party_id, o.message))
+        return events + [self._seal(r) for r in receipts.values()]
+
     def __init__(self, me: PrivateParty, registry: dict[str, PublicParty], consortium: str,
                  policy: CoordinatorPolicy, *, chain: Chain | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BYTES) -> None:

@@ -206,3 +206,12 @@ def test_coordinator_rejects_bad_requests() -> None:
     out = c2.handle("bank-c", request())  # bank-c asks in bank-a's name
     assert [e.reason for e in out if isinstance(e, Ended)] == [AbortReason.BAD_REQUEST]
     assert isinstance(T.messages[RoundRequest][1], RoundRequest)
+
+
+def test_an_abort_from_the_coordinator_is_not_sent_back() -> None:
+    for state in (InstitutionState.AWAIT_ASSIGNMENT, InstitutionState.AWAIT_SHARE,
+                  InstitutionState.AWAIT_RESULT):
+        m = inst_in(state)
+        out = m.handle(COORD, RoundAbort(RID, AbortReason.BAD_REQUEST, "no", ("bank-a",)))
+        assert [o for o in out if isinstance(o, Send)] == []
+        assert [e.reason for e in out if isinstance(e, Ended)] == [AbortReason.BAD_REQUEST]

@@ -1,0 +1,407 @@
+"""Audit: records replayed from the topics in; findings and one report per round out. Pure.
+
+With public keys only: every signature; that each envelope sits in its recipient's topic; each
+sender's sequence numbers and hash chain across all topics (a gap, a fork or a reorder is named
+with its topic, partition and offset); and each round's transcript against the protocol: one
+request, masks to the participants, the query to one leader, shares from the leader,
+contributions from the others, and exactly one outcome.
+
+With the coordinator's key: the requests, shares and contributions it received are decrypted,
+added again, and compared with the result it published (its receipt); a timeout abort must come
+after the deadline. With an institution's key: that institution's own view of each round.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.codec import decode
+from protocol.envelope import _SEAL_INFO, _SUITES, Header, PrivateParty, PublicParty, verify
+from protocol.errors import AbortReason, TotalOutOfRange, ZerosumError
+from protocol.fixedpoint import AttributeSpec, decode_totals
+from protocol.messages import (
+    Contribution,
+    CoordinatorShare,
+    LeaderShare,
+    MaskAssignment,
+    Message,
+    MessageKind,
+    RoundAbort,
+    RoundRequest,
+    RoundResult,
+)
+from protocol.ring import sum_matrices
+
+K = MessageKind
+
+
+@dataclass(frozen=True, order=True)
+class Location:
+    topic: str
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record read back from a topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    value: bytes
+
+    @property
+    def location(self) -> Location:
+        return Location(self.topic, self.partition, self.offset)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A failed check, where it was found, and what is wrong."""
+
+    location: Location | None
+    check: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.location or '-'}: {self.check}: {self.detail}"
+
+
+@dataclass
+class _Msg:
+    sender: str
+    recipient: str
+    kind: MessageKind
+    seq: int
+    parts: int
+    ts: int
+    location: Location
+    chunks: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class RoundReport:
+    round_id: bytes
+    first_ms: int = 0
+    last_ms: int = 0
+    requester: str = ""
+    participants: tuple[str, ...] = ()
+    leader: str = ""
+    rows: int | None = None
+    outcome: str = "open"  # published | aborted | open
+    reason: str = ""
+    verified: str = "transcript"
+    findings: list[Finding] = field(default_factory=list)
+    messages: list[_Msg] = field(default_factory=list, repr=False)
+
+    @property
+    def latency_ms(self) -> int:
+        return self.last_ms - self.first_ms
+
+    def as_dict(self) -> dict[str, object]:
+        return {"round_id": self.round_id.hex(), "requester": self.requester,
+                "participants": list(self.participants), "leader": self.leader,
+                "rows": self.rows, "outcome": self.outcome, "reason": self.reason,
+                "first_ms": self.first_ms, "last_ms": self.last_ms,
+                "latency_ms": self.latency_ms, "verified": self.verified,
+                "findings": [str(f) for f in self.findings]}
+
+
+@dataclass
+class _Chain:
+    next_seq: int = 0
+    last_digest: bytes = b""
+    started: bool = False
+    pending: dict[int, tuple[bytes, bytes, Location]] = field(default_factory=dict)
+    seen: dict[int, bytes] = field(default_factory=dict)  # recent seq -> digest (forks)
+
+
+@dataclass
+class Report:
+    rounds: list[RoundReport]
+    findings: list[Finding]
+    envelopes: int
+    duplicates: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings and all(not r.findings for r in self.rounds)
+
+    def all_findings(self) -> list[Finding]:
+        return self.findings + [f for r in self.rounds for f in r.findings]
+
+
+class Auditor:
+    """Feed records in timestamp order (roughly: chains tolerate reordering across topics)."""
+
+    SEEN_WINDOW = 100_000
+
+    def __init__(self, registry: dict[str, PublicParty], consortium: str, coordinator: str, *,
+                 key: PrivateParty | None = None,
+                 attributes: dict[str, AttributeSpec] | None = None,
+                 from_start: bool = True) -> None:
+        self.registry = registry
+        self.consortium = consortium
+        self.coordinator = coordinator
+        self.key = key
+        self.attributes = attributes or {}
+        self.from_start = from_start
+        self.findings: list[Finding] = []
+        self.rounds: dict[bytes, RoundReport] = {}
+        self._chains: dict[str, _Chain] = defaultdict(_Chain)
+        self._topic_last: dict[tuple[str, str], int] = {}
+        self._messages: dict[tuple[str, int], _Msg] = {}
+        self._digests: dict[tuple[str, int], bytes] = {}
+        self.envelopes = 0
+        self.duplicates = 0
+
+    # -- feeding -------------------------------------------------------------------------------
+    def feed(self, rec: Record) -> None:
+        loc = rec.location
+        try:
+            v = verify(rec.value, self.registry, self.consortium)
+        except ZerosumError as exc:
+            self.findings.append(Finding(loc, "envelope", f"{type(exc).__name__}: {exc}"))
+            return
+        h = v.header
+        self.envelopes += 1
+        owner = self.registry.get(h.recipient)
+        if owner is None or owner.topic != rec.topic:
+            self.findings.append(Finding(loc, "topic", f"envelope for {h.recipient!r} found in "
+                                                       f"topic {rec.topic}"))
+        if not self._chain(h, v.digest, loc):
+            return
+        first = h.seq - h.part
+        m = self._messages.get((h.sender, first))
+        if m is None:
+            m = _Msg(h.sender, h.recipient, h.kind, first, h.parts, rec.timestamp_ms, loc)
+            self._messages[(h.sender, first)] = m
+            r = self.rounds.get(h.round_id)
+            if r is None:
+                r = self.rounds[h.round_id] = RoundReport(h.round_id, rec.timestamp_ms,
+                                                          rec.timestamp_ms)
+            r.messages.append(m)
+            r.first_ms = min(r.first_ms, rec.timestamp_ms)
+            r.last_ms = max(r.last_ms, rec.timestamp_ms)
+        if self.key is not None and h.recipient == self.key.party_id:
+            try:
+                m.chunks[h.part] = _SUITES[self.key.kem].decrypt(
+                    v.ciphertext, self.key.kem_key, info=_SEAL_INFO + h.encode())
+            except Exception as exc:
+                self.findings.append(Finding(loc, "decrypt", f"{type(exc).__name__}: {exc}"))
+
+    def _chain(self, h: Header, digest: bytes, loc: Location) -> bool:
+        """Sequence and hash-chain checks; False for an exact duplicate (already counted)."""
+        c = self._chains[h.sender]
+        known = c.seen.get(h.seq)
+        if known is not None:
+            if known == digest:
+                # agents never send an envelope twice (a restart re-sends only what did not
+                # land), so the same bytes again are a replay
+                self.duplicates += 1
+                self.findings.append(Finding(loc, "replay", f"envelope {h.seq} of {h.sender} "
+                                                            "sent again"))
+                return False
+            self.findings.append(Finding(loc, "fork", f"a second, different envelope with "
+                                                      f"sequence {h.seq} from {h.sender}"))
+            return False
+        c.seen[h.seq] = digest
+        if len(c.seen) > self.SEEN_WINDOW:
+            c.seen.pop(next(iter(c.seen)))
+        key = (h.sender, h.recipient)
+        last = self._topic_last.get(key, -1)
+        if h.seq < last:
+            self.findings.append(Finding(loc, "reorder", f"sequence {h.seq} of {h.sender} after "
+                                                         f"{last} in the same topic"))
+        self._topic_last[key] = max(last, h.seq)
+        if not c.started:  # from the start, every chain begins at 0; else where we join it
+            c.started = True
+            c.next_seq = 0 if self.from_start else h.seq
+        if h.seq < c.next_seq:
+            self.findings.append(Finding(loc, "reorder", f"sequence {h.seq} of {h.sender} "
+                                                         f"arrived after {c.next_seq - 1}"))
+            return True
+        c.pending[h.seq] = (digest, h.prev, loc)
+        while c.next_seq in c.pending:
+            d, prev, ploc = c.pending.pop(c.next_seq)
+            if c.last_digest and prev != c.last_digest:
+                self.findings.append(Finding(ploc, "chain", f"envelope {c.next_seq} of "
+                                             f"{h.sender} does not follow {c.next_seq - 1}"))
+            c.last_digest = d
+            c.next_seq += 1
+        return True
+
+    # -- finishing -----------------------------------------------------------------------------
+    def finish(self) -> Report:
+        for sender, c in self._chains.items():
+            if c.pending:
+                first = min(c.pending)
+                loc = c.pending[first][2]
+                self.findings.append(Finding(loc, "gap", f"sequence of {sender} jumps from "
+                                             f"{c.next_seq - 1} to {first} (missing "
+                                             f"{c.next_seq}..{first - 1})"))
+        for r in self.rounds.values():
+            self._check_round(r)
+        rounds = sorted(self.rounds.values(), key=lambda r: r.first_ms)
+        return Report(rounds, self.findings, self.envelopes, self.duplicates)
+
+    def _check_round(self, r: RoundReport) -> None:
+        coord = self.coordinator
+
+        def of(kind: MessageKind, sender: str | None = None,
+               recipient: str | None = None) -> list[_Msg]:
+            return [m for m in r.messages if m.kind is kind
+                    and (sender is None or m.sender == sender)
+                    and (recipient is None or m.recipient == recipient)]
+
+        def bad(m: _Msg | None, check: str, detail: str) -> None:
+            r.findings.append(Finding(m.location if m else None, check, detail))
+
+        for m in r.messages:
+            if len(m.chunks) not in (0, m.parts) and self.key and m.recipient == self.key.party_id:
+                bad(m, "chunks", f"{len(m.chunks)} of {m.parts} parts of a {m.kind.name}")
+        requests = of(K.ROUND_REQUEST, recipient=coord)
+        assigns = of(K.MASK_ASSIGNMENT)
+        for m in assigns + of(K.LEADER_QUERY) + of(K.ROUND_RESULT):
+            if m.sender != coord:
+                bad(m, "role", f"{m.kind.name} from {m.sender}, not the coordinator")
+        results = [m for m in of(K.ROUND_RESULT, coord) if m.recipient != coord]
+        aborts = [m for m in of(K.ROUND_ABORT, coord) if m.recipient != coord]
+        if not requests:
+            if self.from_start:
+                bad(r.messages[0], "transcript", "messages of a round that was never requested")
+        else:
+            r.requester = requests[0].sender
+        r.participants = tuple(sorted({m.recipient for m in assigns}))
+        queries = of(K.LEADER_QUERY, coord)
+        if assigns and len({q.recipient for q in queries}) != 1:
+            bad(assigns[0], "transcript", f"{len(queries)} leader queries for one round")
+        r.leader = queries[0].recipient if queries else ""
+        if r.leader and r.leader not in r.participants:
+            bad(queries[0], "transcript", f"leader {r.leader} has no mask assignment")
+        if results and aborts:
+            bad(aborts[0], "outcome", "the round both published a result and aborted")
+        if results:
+            r.outcome = "published"
+            got = [m.recipient for m in results]
+            for p in r.participants:
+                if got.count(p) != 1:
+                    bad(results[0], "outcome", f"{p} received {got.count(p)} results")
+            self._check_inputs(r)
+        elif aborts:
+            r.outcome = "aborted"
+        if self.key is not None:
+            if self.key.party_id == coord:
+                self._check_as_coordinator(r)
+            elif self.key.party_id in r.participants:
+                self._check_as_institution(r)
+
+    def _check_inputs(self, r: RoundReport) -> None:
+        """A published round has every input: the sum was never partial."""
+        msgs = r.messages
+        leader, coord = r.leader, self.coordinator
+        has = {(m.kind, m.sender, m.recipient) for m in msgs}
+        first = next(m for m in msgs if m.kind is K.ROUND_RESULT)
+        if (K.COORDINATOR_SHARE, leader, coord) not in has:
+            r.findings.append(Finding(first.location, "partial",
+                                      f"published without the share of leader {leader}"))
+        for p in r.participants:
+            if p == leader:
+                continue
+            if (K.LEADER_SHARE, leader, p) not in has:
+                r.findings.append(Finding(first.location, "transcript",
+                                          f"the leader sent no share to {p}"))
+            if (K.CONTRIBUTION, p, coord) not in has:
+                r.findings.append(Finding(first.location, "partial",
+                                          f"published without the contribution of {p}"))
+
+    def _open(self, m: _Msg, r: RoundReport) -> Message | None:
+        if len(m.chunks) != m.parts:
+            return None
+        try:
+            msg = decode(b"".join(m.chunks[i] for i in range(m.parts)))
+        except ZerosumError as exc:
+            r.findings.append(Finding(m.location, "decode", str(exc)))
+            return None
+        m.chunks = {}
+        return msg
+
+    def _check_as_coordinator(self, r: RoundReport) -> None:
+        me = self.coordinator
+        mine = [(m, self._open(m, r)) for m in r.messages if m.recipient == me]
+        req = next((x for _, x in mine if isinstance(x, RoundRequest)), None)
+        share = next((x for _, x in mine if isinstance(x, CoordinatorShare)), None)
+        contribs = {m.sender: x for m, x in mine if isinstance(x, Contribution)}
+        receipt = next(((m, x) for m, x in mine if m.sender == me
+                        and isinstance(x, RoundResult | RoundAbort)), None)
+        if receipt is None:
+            return
+        rm, rx = receipt
+        if isinstance(rx, RoundAbort):
+            r.reason = rx.reason.name
+            if req is not None and rx.reason is AbortReason.TIMEOUT and rm.ts < req.deadline_ms:
+                r.findings.append(Finding(rm.location, "deadline", "timed out "
+                                          f"{req.deadline_ms - rm.ts} ms before the deadline"))
+            r.verified = "coordinator"
+            return
+        assert isinstance(rx, RoundResult)
+        r.rows = rx.rows
+        if req is None or share is None:
+            return
+        parts = [share.share, *(contribs[p].values for p in r.participants
+                                if p != r.leader and p in contribs)]
+        if len(parts) != len(r.participants) or any(p.shape != parts[0].shape for p in parts):
+            r.findings.append(Finding(rm.location, "sum", "inputs missing or misshapen"))
+            return
+        total = sum_matrices(parts)
+        kept = rx.kept_mask()
+        if not np.array_equal(total[kept], rx.totals):
+            r.findings.append(Finding(rm.location, "sum", "the published totals are not the "
+                                                          "sum of the contributions"))
+            return
+        specs = tuple(self.attributes[a] for a in req.attributes if a in self.attributes)
+        try:
+            holders = decode_totals(total, specs, len(r.participants))[:, 0]
+        except TotalOutOfRange as exc:
+            r.findings.append(Finding(rm.location, "sum", str(exc)))
+            return
+        if not np.array_equal(holders >= req.min_holders, kept):
+            r.findings.append(Finding(rm.location, "threshold", "withheld rows differ from "
+                                                                "those below min_holders"))
+        if rm.ts > req.deadline_ms:
+            r.findings.append(Finding(rm.location, "deadline", "published after the deadline"))
+        r.verified = "coordinator"
+
+    def _check_as_institution(self, r: RoundReport) -> None:
+        assert self.key is not None
+        me = self.key.party_id
+        mine = [(m, self._open(m, r)) for m in r.messages if m.recipient == me]
+        assign = next((x for _, x in mine if isinstance(x, MaskAssignment)), None)
+        share = next((x for _, x in mine if isinstance(x, LeaderShare)), None)
+        ends = [(m, x) for m, x in mine if isinstance(x, RoundResult | RoundAbort)]
+        if len(ends) > 1:
+            r.findings.append(Finding(ends[1][0].location, "outcome",
+                                      f"{me} received {len(ends)} outcomes"))
+        if assign is None or not ends:
+            return
+        m, end = ends[0]
+        if isinstance(end, RoundAbort):
+            r.reason = end.reason.name
+        elif isinstance(end, RoundResult):
+            r.rows = end.rows
+            if share is not None and end.rows != share.tokens.size:
+                r.findings.append(Finding(m.location, "rows", f"{end.rows} rows for the "
+                                          f"{share.tokens.size} customers of the round"))
+            try:
+                decode_totals(end.totals, assign.attributes, len(assign.participants))
+            except TotalOutOfRange as exc:
+                r.findings.append(Finding(m.location, "range", str(exc)))
+        r.verified = me
