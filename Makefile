@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint broker-start broker-stop clean
+.PHONY: demo test lint bench broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check agents protocol tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,bench]'
+	$(VENV)/bin/zerosum bench --json bench.json --plot bench.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check agents protocol tests

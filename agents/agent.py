@@ -25,6 +25,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from numpy.typing import NDArray
 
 from agents.broker import broker_config_dir, read_properties
 from agents.config import PartyConfig
@@ -35,7 +36,7 @@ from protocol.envelope import digest
 from protocol.machine import Ended, Outcome, Published, SetTimer
 from protocol.messages import Scope
 from protocol.party import CoordinatorParty, Event, InstitutionParty, Outgoing, Rejected
-from protocol.tokens import Tokens, tokens_from_bytes
+from protocol.tokens import Tokens, tokens_from_bytes, tokens_to_bytes
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 Clock = Callable[[], float]  # seconds since the epoch
@@ -365,14 +366,21 @@ class Agent:
             fut.set_result(result)
         if self._requested_here(round_id):
             self.requested.discard(round_id)
-            self._write_result(round_id, outcome_json(result))
+            self._write_result(round_id, outcome_json(result), result)
 
-    def _write_result(self, round_id: bytes, data: dict[str, Any]) -> None:
+    def _write_result(self, round_id: bytes, data: dict[str, Any],
+                      result: Outcome | Ended | None = None) -> None:
+        """<rid>.json last, as the marker that <rid>.tokens and <rid>.totals.npy are whole."""
         out = self.cfg.state_dir / "results"
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f"{round_id.hex()}.tmp"
+        base = out / round_id.hex()
+        if isinstance(result, Outcome):
+            base.with_suffix(".tokens").write_bytes(tokens_to_bytes(result.tokens))
+            with open(base.with_suffix(".totals.npy"), "wb") as fh:
+                np.save(fh, np.asarray(result.totals, dtype=np.int64))
+        tmp = base.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
-        tmp.replace(out / f"{round_id.hex()}.json")
+        tmp.replace(base.with_suffix(".json"))
 
     async def _flush(self) -> None:
         """Journal, produce and await acks for everything the last inputs caused."""
@@ -389,16 +397,22 @@ class Agent:
 
 
 def outcome_json(result: Outcome | Ended) -> dict[str, Any]:
-    """A round's end as JSON for `zerosum round`: tokens in hex, values in scaled units."""
+    """A round's end for `zerosum round`; the rows themselves go to binary files beside it."""
     if isinstance(result, Ended):
         return {"status": "aborted", "reason": result.reason.name, "detail": result.detail,
                 "culprits": list(result.culprits)}
-    return {"status": "published", "withheld": result.withheld,
-            "attributes": [[a.name, a.scale] for a in result.attributes],
-            "tokens": [bytes(t).hex() for t in result.tokens],
-            "totals": np.asarray(result.totals).tolist()}
+    return {"status": "published", "withheld": result.withheld, "rows": int(result.tokens.size),
+            "attributes": [[a.name, a.scale] for a in result.attributes]}
 
 
-def load_outcome(path: Path) -> dict[str, Any]:
+def load_outcome(path: Path) -> tuple[dict[str, Any], Tokens | None, NDArray[np.int64] | None]:
+    """Read and remove a result written by `_write_result`: metadata, tokens, totals."""
     data: dict[str, Any] = json.loads(path.read_text())
-    return data
+    tokens = totals = None
+    stem = path.with_suffix("")
+    if data.get("status") == "published":
+        tokens = tokens_from_bytes(stem.with_suffix(".tokens").read_bytes())
+        totals = np.load(stem.with_suffix(".totals.npy"))
+    for suffix in (".tokens", ".totals.npy", ".json"):
+        stem.with_suffix(suffix).unlink(missing_ok=True)
+    return data, tokens, totals

@@ -225,6 +225,34 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     a.add_argument("--json", type=Path, help="also write the report as JSON")
     a.add_argument("--html", type=Path, help="also write an HTML report with a timeline")
     a.set_defaults(func=cmd_audit)
+    b = sub.add_parser("bench", help="measure zerosum against the transport floor and Paillier",
+                       description="Run the benchmark scenarios on the real broker and print "
+                                   "figures and ratios measured in this run: large (one round, "
+                                   "each agent its own process, against the transport and "
+                                   "compute floors), small (many rounds in flight), paillier "
+                                   "(the same totals with Paillier), scaling (for --plot). "
+                                   "Needs the bench extra: pip install -e '.[bench]'.")
+    b.add_argument("--scenario", default="large,small,paillier",
+                   help="comma-separated: large, small, paillier, scaling "
+                        "(default: %(default)s)")
+    b.add_argument("--customers", type=int, default=1_000_000,
+                   help="customers of the large round (default: %(default)s)")
+    b.add_argument("--institutions", type=int, default=5, help="(default: %(default)s)")
+    b.add_argument("--attributes", type=int, choices=range(1, 5), default=4,
+                   help="(default: %(default)s)")
+    b.add_argument("--small-rounds", type=int, default=1000,
+                   help="rounds of the small scenario (default: %(default)s)")
+    b.add_argument("--paillier-customers", type=int, default=10_000,
+                   help="(default: %(default)s)")
+    b.add_argument("--json", type=Path, help="write every figure as JSON")
+    b.add_argument("--plot", type=Path, help="write the scaling chart (PNG); adds scaling")
+    b.add_argument("--bootstrap", help="use this broker instead of the embedded one")
+    b.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help="embedded broker data dir (default: %(default)s)")
+    b.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
+    b.add_argument("--controller-port", type=int, default=DEFAULT_CONTROLLER_PORT,
+                   help="(default: %(default)s)")
+    b.set_defaults(func=cmd_bench)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -250,6 +278,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
     print(render_table(run))
     write_outputs(run, f"zerosum {consortium.id}", args.json, args.html)
     return 0 if run.report.ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from agents.bench import main as bench_main
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise CliError(f"{exc}; install the bench extra: pip install -e '.[bench]'") from exc
+    scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
+    unknown = sorted(set(scenarios) - {"large", "small", "paillier", "scaling"})
+    if unknown:
+        raise CliError(f"--scenario: unknown {', '.join(unknown)}")
+    return bench_main(scenarios=scenarios, customers=args.customers,
+                      institutions=args.institutions, attributes=args.attributes,
+                      small=args.small_rounds, paillier_customers=args.paillier_customers,
+                      json_out=args.json, plot_out=args.plot, bootstrap=args.bootstrap,
+                      data_dir=args.data_dir, port=args.port,
+                      controller_port=args.controller_port)
 
 
 def build_parser() -> argparse.ArgumentParser:

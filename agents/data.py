@@ -10,13 +10,14 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from protocol.errors import ValueRangeError
+from protocol.errors import DataError, ValueRangeError
 from protocol.fixedpoint import AttributeSpec
 from protocol.tokens import LocalTable, Tokens, normalise_id, tokenize
 
@@ -34,8 +35,7 @@ def load_table(path: Path, attributes: dict[str, AttributeSpec], key: bytes) -> 
     Row numbers in errors: in a CSV the header is row 1; in Parquet the first record is row 1.
     """
     if path.suffix.lower() in (".parquet", ".pq"):
-        header, rows = _parquet_rows(path)
-        return _build(path, header, rows, attributes, key, first_row=1)
+        return _load_parquet(path, attributes, key)
     try:
         fh = open(path, newline="", encoding="utf-8")  # noqa: SIM115 - closed below
     except OSError as exc:
@@ -48,18 +48,60 @@ def load_table(path: Path, attributes: dict[str, AttributeSpec], key: bytes) -> 
         return _build(path, [h.strip() for h in first], reader, attributes, key, first_row=2)
 
 
-def _parquet_rows(path: Path) -> tuple[list[str], Iterable[list[str]]]:
-    """Columns and rows of a Parquet file as text, so both formats share one validation."""
-    import pyarrow.parquet as pq  # only Parquet users pay for the import
+def _load_parquet(path: Path, attributes: dict[str, AttributeSpec], key: bytes) -> LocalTable:
+    """Parquet: integer columns are taken whole (values in whole units, scaled here, bounds
+    checked in numpy); text, decimal and float columns are parsed exactly, value by value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except (OSError, ValueError) as exc:
         raise DataFileError(f"{path}: not a readable Parquet file: {exc}") from exc
-    header = [str(n) for n in table.column_names]
-    columns = [["" if v is None else str(v) for v in table.column(i).to_pylist()]
-               for i in range(table.num_columns)]
-    return header, (list(r) for r in zip(*columns, strict=True))
+    names = [str(n) for n in table.column_names]
+    if ID_COLUMN not in names:
+        raise DataFileError(f"{path}: header: no {ID_COLUMN!r} column")
+    attrs = [n for n in names if n != ID_COLUMN]
+    unknown = [n for n in attrs if n not in attributes]
+    if unknown:
+        raise DataFileError(f"{path}: header: column {unknown[0]!r} is not an attribute of "
+                            f"the consortium ({', '.join(attributes)})")
+    ids = table.column(ID_COLUMN).to_pylist()
+    empty = next((i for i, x in enumerate(ids) if x is None or not str(x).strip()), None)
+    if empty is not None:
+        raise DataFileError(f"{path}: row {empty + 1}, column {ID_COLUMN}: empty")
+    values = np.empty((len(ids), len(attrs)), dtype=np.int64)
+    for j, name in enumerate(attrs):
+        spec, col = attributes[name], table.column(name)
+        if col.null_count:
+            row = next(i for i, v in enumerate(col.to_pylist()) if v is None)
+            raise DataFileError(f"{path}: row {row + 1}, column {name}: empty")
+        if pa.types.is_integer(col.type):
+            whole = col.to_numpy().astype(np.int64)
+            unit = 10**spec.scale
+            # bounds on the whole units first, so that scaling cannot overflow int64
+            scaled = np.clip(whole, -(2**62) // unit, 2**62 // unit) * unit
+            bad = np.flatnonzero((scaled < spec.min) | (scaled > spec.max)
+                                 | (whole > 2**62 // unit) | (whole < -(2**62) // unit))
+            if bad.size:
+                r = int(bad[0])
+                raise DataFileError(f"{path}: row {r + 1}, column {name}: {whole[r]} is outside "
+                                    f"[{spec.format(spec.min)}, {spec.format(spec.max)}]")
+            values[:, j] = scaled
+            continue
+        for i, v in enumerate(col.to_pylist()):
+            try:
+                values[i, j] = spec.parse(str(v))
+            except ValueRangeError as exc:
+                raise DataFileError(f"{path}: row {i + 1}, column {name}: {exc}") from exc
+    try:
+        return LocalTable.build(tokenize([str(x) for x in ids], key), values, tuple(attrs))
+    except DataError as exc:  # "row N" of the table is row N + 1 of the file
+        m = re.match(r"row (\d+): (.*)", str(exc))
+        if m:
+            raise DataFileError(f"{path}: row {int(m.group(1)) + 1}, column {ID_COLUMN}: "
+                                f"{m.group(2)}") from exc
+        raise DataFileError(f"{path}: {exc}") from exc
 
 
 def _build(path: Path, header: list[str], rows: Iterable[list[str]],

@@ -1,15 +1,19 @@
 """The sender's write-ahead journal: envelopes are on disk before they are on the bus.
 
 Each envelope extends the sender's hash chain, so a crash between sealing and producing must
-not make the restarted agent reuse a sequence number. `Outbox.stage` appends the envelopes to
-`outbox.log` and fsyncs; after the broker acknowledged them, `Outbox.done` records the chain
-head in `chain.json` (atomic rename) and empties the log. On start, whatever is still in the
-log is produced again byte for byte; receivers drop exact duplicates.
+not make the restarted agent reuse a sequence number. `outbox.log` is append-only:
+
+    E <topic> <envelope>      staged: fsync'ed before the envelope is produced
+    A <next_seq> <prev>       acknowledged: every E before it is on the bus
+
+`stage` appends E records and fsyncs (one fsync per batch); `done` appends an A record without
+fsync: losing it in a crash only means the restarted agent checks the bus for envelopes that
+are already there (see Agent._landed). When the log passes `COMPACT_BYTES`, `done` rewrites it
+as a single A record.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from pathlib import Path
@@ -19,58 +23,81 @@ import msgpack
 from protocol.envelope import Chain, Header, digest
 from protocol.errors import ZerosumError
 
+COMPACT_BYTES = 64 * 1024 * 1024
+_E, _A = b"E", b"A"
+
 
 class Outbox:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.log_path = self.dir / "outbox.log"
-        self.chain_path = self.dir / "chain.json"
 
-    def load_chain(self) -> Chain:
-        """The chain head: after the last staged envelope if any, else the last acknowledged."""
-        chain = Chain()
-        if self.chain_path.exists():
-            raw = json.loads(self.chain_path.read_text())
-            chain = Chain(int(raw["next_seq"]), bytes.fromhex(raw["prev"]))
-        for _, wire in self.pending():
-            h = _header(wire)
-            if h.seq + 1 > chain.next_seq:
-                chain = Chain(h.seq + 1, digest(wire))
-        return chain
-
-    def pending(self) -> list[tuple[str, bytes]]:
-        """(topic, envelope) staged but not known to be acknowledged, in order."""
+    def _records(self) -> list[tuple[bytes, bytes, bytes]]:
         if not self.log_path.exists():
             return []
         data = self.log_path.read_bytes()
-        out: list[tuple[str, bytes]] = []
+        out: list[tuple[bytes, bytes, bytes]] = []
         pos = 0
-        while pos + 8 <= len(data):
-            tlen, wlen = struct.unpack_from(">II", data, pos)
-            end = pos + 8 + tlen + wlen
-            if end > len(data):
-                break  # a torn last record: never acknowledged, never produced
-            topic = data[pos + 8:pos + 8 + tlen].decode()
-            out.append((topic, data[pos + 8 + tlen:end]))
+        while pos + 9 <= len(data):
+            kind = data[pos:pos + 1]
+            alen, blen = struct.unpack_from(">II", data, pos + 1)
+            end = pos + 9 + alen + blen
+            if end > len(data) or kind not in (_E, _A):
+                break  # a torn last record: it was never acknowledged
+            out.append((kind, data[pos + 9:pos + 9 + alen], data[pos + 9 + alen:end]))
             pos = end
         return out
 
+    def _tail(self) -> tuple[Chain, list[tuple[str, bytes]]]:
+        chain = Chain()
+        pending: list[tuple[str, bytes]] = []
+        for kind, a, b in self._records():
+            if kind == _A:
+                chain = Chain(int(a), b)
+                pending = []
+            else:
+                pending.append((a.decode(), b))
+        for _, wire in pending:
+            h = _header(wire)
+            if h.seq + 1 > chain.next_seq:
+                chain = Chain(h.seq + 1, digest(wire))
+        return chain, pending
+
+    def load_chain(self) -> Chain:
+        """The chain head: after the last staged envelope if any, else the last acknowledged."""
+        return self._tail()[0]
+
+    def pending(self) -> list[tuple[str, bytes]]:
+        """(topic, envelope) staged but not known to be acknowledged, in order."""
+        return self._tail()[1]
+
+    @staticmethod
+    def _record(kind: bytes, a: bytes, b: bytes) -> bytes:
+        return kind + struct.pack(">II", len(a), len(b)) + a + b
+
     def stage(self, items: list[tuple[str, bytes]]) -> None:
         with open(self.log_path, "ab") as fh:
-            for topic, wire in items:
-                t = topic.encode()
-                fh.write(struct.pack(">II", len(t), len(wire)) + t + wire)
+            fh.write(b"".join(self._record(_E, t.encode(), w) for t, w in items))
             fh.flush()
             os.fsync(fh.fileno())
 
     def done(self, chain: Chain) -> None:
-        tmp = self.chain_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"next_seq": chain.next_seq, "prev": chain.prev.hex()}))
-        with open(tmp, "rb") as fh:
+        record = self._record(_A, str(chain.next_seq).encode(), chain.prev)
+        try:
+            size = self.log_path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < COMPACT_BYTES:
+            with open(self.log_path, "ab") as fh:
+                fh.write(record)
+            return
+        tmp = self.log_path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(record)
+            fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.chain_path)
-        self.log_path.unlink(missing_ok=True)
+        os.replace(tmp, self.log_path)
 
 
 def _header(wire: bytes) -> Header:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import logging
@@ -10,11 +11,12 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from agents.agent import Agent, load_outcome
-from agents.config import PartyConfig
+from agents.config import PartyConfig, load_party
 from agents.data import load_query
 from protocol.fixedpoint import format_decimal
 from protocol.messages import Scope
@@ -35,6 +37,34 @@ def setup_logging(fmt: str, verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+@contextlib.asynccontextmanager
+async def agents_in_process(configs: list[PartyConfig],
+                            ready_s: float = 120) -> AsyncIterator[dict[str, Agent]]:
+    """Run several agents as tasks of this event loop (demo, bench, tests); stop them all on
+    exit, each finishing the batch in hand."""
+    agents = {c.party: Agent(c) for c in configs}
+    tasks = [asyncio.create_task(a.run(), name=n) for n, a in agents.items()]
+    try:
+        async with asyncio.timeout(ready_s):
+            for a, t in zip(agents.values(), tasks, strict=True):
+                waiter = asyncio.create_task(a.ready.wait())
+                await asyncio.wait({waiter, t}, return_when=asyncio.FIRST_COMPLETED)
+                if t.done():
+                    t.result()  # raises what stopped the agent
+        yield agents
+    finally:
+        for a in agents.values():
+            a.stop()
+        async with asyncio.timeout(120):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def party_configs(directory: Path) -> list[PartyConfig]:
+    """Every party file of a consortium directory written by `zerosum init`."""
+    return [load_party(p) for p in sorted(directory.glob("*.toml"))
+            if p.name != "consortium.toml"]
 
 
 async def run_agent(cfg: PartyConfig) -> None:
@@ -86,15 +116,14 @@ def request_round(cfg: PartyConfig, query: Path, *, scope: Scope, out: Path | No
             print(f"  waiting for the result ({now - t0:.0f} s)", file=sys.stderr)
             last = now
         time.sleep(0.1)  # polling a file the agent writes
-    data = load_outcome(result_path)
-    result_path.unlink()
-    if data["status"] != "published":
+    data, got_tokens, totals = load_outcome(result_path)
+    if data["status"] != "published" or got_tokens is None or totals is None:
         raise RoundFailed(f"round aborted: {data.get('reason', 'ERROR')}: {data.get('detail')}")
-    by_token = {tokens_to_bytes(tokens[i:i + 1]).hex(): cid for i, cid in enumerate(ids)}
+    by_token = {bytes(t): cid for t, cid in zip(tokens, ids, strict=True)}
     attrs = [(str(n), int(s)) for n, s in data["attributes"]]
-    rows = [[by_token[t], str(v[0]), *(format_decimal(int(x), s)
-                                       for x, (_, s) in zip(v[1:], attrs, strict=True))]
-            for t, v in zip(data["tokens"], data["totals"], strict=True)]
+    rows = [[by_token[bytes(t)], str(v[0]), *(format_decimal(x, s) for x, (_, s) in
+                                              zip(v[1:], attrs, strict=True))]
+            for t, v in zip(got_tokens, totals.tolist(), strict=True)]
     header = ["customer_id", "holders", *(n for n, _ in attrs)]
     if out is not None:
         with open(out, "w", newline="") as fh:

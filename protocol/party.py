@@ -108,16 +108,19 @@ class _Party:
     # -- out -------------------------------------------------------------------------------
     def _finish(self, outputs: list[Output]) -> list[Event]:
         events: list[Event] = []
+        bodies: dict[int, bytes] = {}  # one encoding of a message sent to many (the result)
         for o in outputs:
             if isinstance(o, Send):
-                events.append(self._seal(o))
+                body = bodies.setdefault(id(o.message), encode(o.message))
+                events.append(self._seal(o, body))
             else:
                 events.append(o)
         return events
 
-    def _seal(self, send: Send) -> Outgoing:
+    def _seal(self, send: Send, body: bytes | None = None) -> Outgoing:
         peer = self.registry[send.recipient]
-        wires = seal(encode(send.message), sender=self.me, recipient=peer,
+        body = encode(send.message) if body is None else body
+        wires = seal(body, sender=self.me, recipient=peer,
                      consortium=self.consortium, round_id=send.message.round_id,
                      kind=send.message.KIND, chain=self.chain)
         return Outgoing(peer.party_id, peer.topic, send.message.round_id, tuple(wires))
@@ -137,7 +140,7 @@ class CoordinatorParty(_Party):
         for o in outputs:
             if isinstance(o, Send) and isinstance(o.message, RoundResult | RoundAbort):
                 receipts.setdefault(o.message.round_id, Send(self.me.party_id, o.message))
-        return events + [self._seal(r) for r in receipts.values()]
+        return events + [self._seal(r, encode(r.message)) for r in receipts.values()]
 
     def __init__(self, me: PrivateParty, registry: dict[str, PublicParty], consortium: str,
                  policy: CoordinatorPolicy, *, chain: Chain | None = None,

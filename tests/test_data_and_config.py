@@ -117,3 +117,22 @@ def test_parquet_data_loads_like_csv_and_errors_name_the_row(tmp_path: Path) -> 
     junk.write_bytes(b"not parquet")
     with pytest.raises(DataFileError, match="not a readable Parquet file"):
         load_table(junk, ATTRS, KEY)
+
+
+def test_parquet_integer_columns_are_whole_units_checked_in_bulk(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from protocol.tokens import tokenize
+
+    p = tmp_path / "i.parquet"
+    pq.write_table(pa.table({"customer_id": ["a", "b", "c"], "balance": [5, -7, 0]}), p)
+    table = load_table(p, ATTRS, KEY)
+    got = table.aligned(tokenize(["a", "b", "c"], KEY), ("balance",)).view("int64")
+    assert got[:, 1].tolist() == [500, -700, 0]  # scale 2: whole units times 100
+    pq.write_table(pa.table({"customer_id": ["a", "b"], "overdue_days": [3, 10**9]}), p)
+    with pytest.raises(DataFileError, match=r"row 2, column overdue_days: .*outside"):
+        load_table(p, ATTRS, KEY)
+    pq.write_table(pa.table({"customer_id": ["a", "b", " A"], "balance": [1, 2, 3]}), p)
+    with pytest.raises(DataFileError, match=r"row \d, column customer_id: the same customer"):
+        load_table(p, ATTRS, KEY)
