@@ -155,8 +155,14 @@ def fetch_jars(cache_dir: Path, config_dir: Path, *, log: logging.Logger) -> Pat
 
 
 def kafka_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 chars)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 chars).
+
+    Like Kafka's own Uuid.randomUuid(), never one that starts with '-': the storage tool's
+    argument parser would read it as an option."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 async def probe(bootstrap: str, timeout_s: float = 5.0) -> int:

@@ -125,3 +125,11 @@ def test_bad_properties_line_names_file_and_line(tmp_path: Path) -> None:
     p.write_text("a=1\nnot a property\n")
     with pytest.raises(BrokerError, match=r"x\.properties:2"):
         read_properties(p)
+
+
+def test_cluster_ids_never_look_like_options() -> None:
+    from agents.broker import kafka_cluster_id
+
+    ids = [kafka_cluster_id() for _ in range(20_000)]  # ~1 in 64 would start with '-'
+    assert all(len(i) == 22 for i in ids)
+    assert not [i for i in ids if i.startswith("-")]
