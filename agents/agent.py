@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,9 @@ class Agent:
         self._pending: list[Outgoing] = []
         self._replaying = False
         self.ready = asyncio.Event()
+        self._progress = asyncio.Condition()  # notified after every batch of inputs
+        # crash tests only: exit hard after this many produced batches, before their commit
+        self._failpoint = int(os.environ.get("ZEROSUM_FAILPOINT_CRASH_AFTER_FLUSHES", "0"))
         c = cfg.consortium
         chain = self.outbox.load_chain()
         self.snapshot: Snapshot | None = None
@@ -234,8 +238,15 @@ class Agent:
                 for r in records:
                     self.stats.received += 1
                     self._handle(self.party.receive(r.value))
-                await self._flush()
+                flushed = await self._flush()
+                if flushed and self._failpoint:
+                    self._failpoint -= 1
+                    if self._failpoint == 0:  # crash tests: die between produce and commit
+                        self.log.warning("failpoint: exiting before the commit")
+                        os._exit(137)
                 await self._consumer.commit({tp: records[-1].offset + 1})
+            async with self._progress:
+                self._progress.notify_all()
 
     async def _timer_loop(self) -> None:
         while not self._stop.is_set():
@@ -270,7 +281,8 @@ class Agent:
                                       attributes=tuple(req["attributes"]),
                                       scope=Scope(req["scope"]),
                                       min_holders=int(req["min_holders"]),
-                                      timeout_s=float(req["timeout_s"]), wait=False)
+                                      timeout_s=float(req["timeout_s"]), wait=False,
+                                      deadline_ms=req.get("deadline_ms"))
                 except (OSError, ValueError, KeyError) as exc:
                     self.log.error("bad round request %s: %s", path.name, exc)
                     self._write_result(bytes.fromhex(path.stem) if len(path.stem) == 32 else
@@ -283,17 +295,28 @@ class Agent:
             except TimeoutError:
                 pass
 
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> None:
+        """Return once `predicate()` holds after a batch of inputs; TimeoutError after
+        `timeout_s` (for operators' tools and tests: no polling, no sleeping)."""
+        async with asyncio.timeout(timeout_s), self._progress:
+            await self._progress.wait_for(predicate)
+
     # -- requests (institutions) -------------------------------------------------------------
     async def submit(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
                      attributes: tuple[str, ...], scope: Scope = Scope.INTERSECTION,
                      min_holders: int = 1, timeout_s: float | None = None,
-                     leader: str = "", wait: bool = True) -> Outcome | Ended | None:
-        """Ask the coordinator for a round; with `wait`, return its outcome or abort."""
+                     leader: str = "", wait: bool = True,
+                     deadline_ms: int | None = None) -> Outcome | Ended | None:
+        """Ask the coordinator for a round; with `wait`, return its outcome or abort.
+
+        A fixed `deadline_ms` makes a repeated request (after a crash) identical to the first,
+        which the coordinator then takes as the same request."""
         party = self.party
         if not isinstance(party, InstitutionParty):
             raise TypeError("only an institution requests rounds")
         timeout_s = timeout_s or self.cfg.consortium.policy.deadline_s
-        deadline_ms = int((self.clock() + timeout_s) * 1000)
+        if deadline_ms is None:
+            deadline_ms = int((self.clock() + timeout_s) * 1000)
         fut: asyncio.Future[Outcome | Ended] = asyncio.get_running_loop().create_future()
         self.waiters[round_id] = fut
         self.requested.add(round_id)
@@ -381,11 +404,12 @@ class Agent:
         tmp = base.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(base.with_suffix(".json"))
+        self.log.info("round %s: result for `zerosum round` in %s", round_id.hex(), out)
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
         """Journal, produce and await acks for everything the last inputs caused."""
         if not self._pending:
-            return
+            return False
         assert self._producer is not None
         items = [(o.topic, w) for o in self._pending for w in o.wires]
         self._pending.clear()
@@ -394,6 +418,7 @@ class Agent:
         await asyncio.gather(*futures)
         self.stats.sent += len(items)
         self.outbox.done(self.party.chain)
+        return True
 
 
 def outcome_json(result: Outcome | Ended) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class AgentProcess:
         self.proc = proc
         self.lines: list[tuple[float, str]] = []
         self.ready = asyncio.Event()
+        self.new_line = asyncio.Event()  # set on every line (cleared by whoever waits)
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -90,6 +91,7 @@ class AgentProcess:
         while line := await self.proc.stderr.readline():
             text = line.decode(errors="replace").rstrip()
             self.lines.append((time.time(), text))
+            self.new_line.set()
             if " ready on " in text:
                 self.ready.set()
 
@@ -102,35 +104,43 @@ class AgentProcess:
                 return int(line.split()[1]) * 1024
         return 0
 
-    async def stop(self) -> None:
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         async with asyncio.timeout(120):
-            await self.proc.wait()
+            code = await self.proc.wait()
         await self._reader
+        return code
+
+    @classmethod
+    async def start(cls, name: str, config: Path, bootstrap: str,
+                    env: dict[str, str] | None = None, ready_s: float = 120) -> AgentProcess:
+        """`zerosum coordinator|institution --config` as a process; returns once ready."""
+        exe = str(Path(sys.executable).parent / "zerosum")
+        role = "coordinator" if name == "coordinator" else "institution"
+        proc = await asyncio.create_subprocess_exec(
+            exe, role, "--config", str(config),
+            env={**os.environ, "KAFKA_BOOTSTRAP": bootstrap, **(env or {})},
+            stderr=asyncio.subprocess.PIPE)
+        agent = cls(name, proc)
+        async with asyncio.timeout(ready_s):
+            waiter = asyncio.create_task(agent.ready.wait())
+            done, _ = await asyncio.wait({waiter, asyncio.create_task(proc.wait())},
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            tail = "\n".join(line for _, line in agent.lines[-10:])
+            raise RuntimeError(f"agent {name} exited while starting:\n{tail}")
+        return agent
 
 
 @contextlib.asynccontextmanager
 async def agent_processes(configs: list[Path],
                           bootstrap: str) -> AsyncIterator[dict[str, AgentProcess]]:
     """Each party file's agent as its own `zerosum` process; all stopped with SIGTERM."""
-    exe = str(Path(sys.executable).parent / "zerosum")
-    env = {**os.environ, "KAFKA_BOOTSTRAP": bootstrap}
     procs: dict[str, AgentProcess] = {}
     try:
         for cfg in configs:
-            role = "coordinator" if cfg.stem == "coordinator" else "institution"
-            proc = await asyncio.create_subprocess_exec(exe, role, "--config", str(cfg),
-                                                        env=env, stderr=asyncio.subprocess.PIPE)
-            procs[cfg.stem] = AgentProcess(cfg.stem, proc)
-        async with asyncio.timeout(900):
-            for p in procs.values():
-                waiter = asyncio.create_task(p.ready.wait())
-                done, _ = await asyncio.wait({waiter, asyncio.create_task(p.proc.wait())},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if waiter not in done:
-                    tail = "\n".join(line for _, line in p.lines[-10:])
-                    raise RuntimeError(f"agent {p.name} exited while starting:\n{tail}")
+            procs[cfg.stem] = await AgentProcess.start(cfg.stem, cfg, bootstrap, ready_s=900)
         yield procs
     finally:
         for p in procs.values():

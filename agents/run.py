@@ -20,7 +20,7 @@ from agents.config import PartyConfig, load_party
 from agents.data import load_query
 from protocol.fixedpoint import format_decimal
 from protocol.messages import Scope
-from protocol.tokens import tokens_to_bytes
+from protocol.tokens import Tokens, tokens_to_bytes
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,6 +80,24 @@ class RoundFailed(Exception):
     """The round ended in an abort (or an error); the message carries the reason."""
 
 
+def spool_request(cfg: PartyConfig, tokens: Tokens, *, participants: tuple[str, ...],
+                  scope: Scope, min_holders: int, timeout_s: float) -> bytes:
+    """Leave a round request for this institution's agent in <state_dir>/requests; return
+    the round id. The deadline is fixed here, so a request re-sent after a crash is the same."""
+    rid = os.urandom(16)
+    spool = cfg.state_dir / "requests"
+    spool.mkdir(parents=True, exist_ok=True)
+    (spool / f"{rid.hex()}.tokens").write_bytes(tokens_to_bytes(tokens))
+    tmp = spool / f"{rid.hex()}.tmp"
+    tmp.write_text(json.dumps({
+        "round_id": rid.hex(), "participants": list(participants),
+        "attributes": list(cfg.consortium.attributes), "scope": str(scope),
+        "min_holders": min_holders, "timeout_s": timeout_s,
+        "deadline_ms": int((time.time() + timeout_s) * 1000)}))
+    tmp.replace(spool / f"{rid.hex()}.json")
+    return rid
+
+
 def request_round(cfg: PartyConfig, query: Path, *, scope: Scope, out: Path | None,
                   participants: tuple[str, ...] | None, min_holders: int | None,
                   timeout_s: float | None, progress_s: float = 5.0) -> dict[str, Any]:
@@ -91,16 +109,10 @@ def request_round(cfg: PartyConfig, query: Path, *, scope: Scope, out: Path | No
     c = cfg.consortium
     parts = participants or c.institutions
     timeout = timeout_s or c.policy.deadline_s
-    rid = os.urandom(16)
+    rid = spool_request(cfg, tokens, participants=parts, scope=scope,
+                        min_holders=c.policy.min_holders if min_holders is None
+                        else min_holders, timeout_s=timeout)
     spool = cfg.state_dir / "requests"
-    spool.mkdir(parents=True, exist_ok=True)
-    (spool / f"{rid.hex()}.tokens").write_bytes(tokens_to_bytes(tokens))
-    tmp = spool / f"{rid.hex()}.tmp"
-    tmp.write_text(json.dumps({
-        "round_id": rid.hex(), "participants": list(parts), "attributes": list(c.attributes),
-        "scope": str(scope), "min_holders": c.policy.min_holders if min_holders is None
-        else min_holders, "timeout_s": timeout}))
-    tmp.replace(spool / f"{rid.hex()}.json")
     result_path = cfg.state_dir / "results" / f"{rid.hex()}.json"
     t0 = time.monotonic()
     last = t0

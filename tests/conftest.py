@@ -34,3 +34,13 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield started.bootstrap
     finally:
         broker.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.soak import COUNTERS, ORDER
+
+    if not COUNTERS:
+        return
+    terminalreporter.section("fault summary")
+    for key in ORDER:
+        terminalreporter.write_line(f"{key:<24} {COUNTERS.get(key, 0)}")

@@ -23,7 +23,8 @@ async def new_topic(bootstrap: str, name: str | None = None) -> str:
 
 async def produce(bootstrap: str, topic: str, values: list[bytes]) -> list[int]:
     """Append with an idempotent acks=all producer; return the offsets."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
+                                max_request_size=2 * 1024 * 1024)
     await producer.start()
     try:
         return [(await producer.send_and_wait(topic, v)).offset for v in values]

@@ -1,0 +1,17 @@
+"""Counters for the fault tests, printed at the end of the run (conftest.py).
+
+`make soak` runs the same tests with the full counts (ZEROSUM_SOAK=1)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+FULL = os.environ.get("ZEROSUM_SOAK") == "1"
+KILLS = 100 if FULL else 6
+BROKER_RESTARTS = 5 if FULL else 1
+DUPLICATE_ROUNDS = 20 if FULL else 3
+
+COUNTERS: Counter[str] = Counter()
+ORDER = ("kills survived", "broker restarts", "duplicates injected", "hostile inputs tried",
+         "rounds checked", "rounds aborted (typed)", "rounds lost", "wrong totals")

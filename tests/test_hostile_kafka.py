@@ -1,0 +1,150 @@
+"""Hostile input through a raw Kafka producer: each is rejected with its typed reason, the agents
+keep running, and rounds end as the protocol says."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from agents.agent import Agent
+from agents.config import load_party
+from protocol.codec import encode
+from protocol.driver import keys_for
+from protocol.envelope import Chain, Header, seal
+from protocol.errors import AbortReason
+from protocol.machine import Ended, Outcome
+from protocol.messages import Contribution, MessageKind, Scope
+from protocol.party import InstitutionParty
+from protocol.tokens import LocalTable, tokenize
+from tests.kafka_util import produce
+from tests.test_agents_kafka import ATTRS, check, make_consortium, query_ids, running
+
+pytestmark = pytest.mark.kafka
+HOSTILE_COUNTS: dict[str, int] = {}
+
+
+async def _records(bootstrap: str, topic: str) -> list[bytes]:
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await c.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        c.assign([tp])
+        c.seek(tp, 0)
+        end = (await c.end_offsets([tp]))[tp]
+        out: list[bytes] = []
+        while len(out) < end:
+            batch = await c.getmany(tp, timeout_ms=10_000)
+            assert batch, "topic stopped delivering"
+            out += [bytes(r.value) for r in batch[tp]]
+        return out
+    finally:
+        await c.stop()
+
+
+async def test_hostile_envelopes_are_rejected_typed_and_agents_keep_running(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    d = make_consortium(tmp_path, kafka_bootstrap, 3)
+    ids = query_ids(d, 80)
+    async with running(d) as agents:
+        b1, coord = agents["bank-1"], agents["coordinator"]
+        key = b1.cfg.consortium_key
+        assert key is not None
+        parts = b1.cfg.consortium.institutions
+
+        async def honest() -> None:
+            out = await b1.submit(os.urandom(16), tokenize(ids, key), participants=parts,
+                                  attributes=ATTRS, scope=Scope.INTERSECTION, timeout_s=30)
+            check(out, ids, d)
+
+        await honest()
+        c = b1.cfg.consortium
+        topic = c.registry["coordinator"].topic
+        history = await _records(kafka_bootstrap, topic)
+        from_bank2 = next(w for w in history
+                          if Header.decode(msgpack.unpackb(w)[1]).sender == "bank-2")
+        h2 = Header.decode(msgpack.unpackb(from_bank2)[1])
+        bank2 = load_party(d / "bank-2.toml").keys
+        mallory, _ = keys_for("mallory", b"evil")
+        impostor = type(mallory)("bank-1", mallory.signing_key, mallory.kem, mallory.kem_key,
+                                 mallory.secret)
+        outer = msgpack.unpackb(history[0])
+
+        def sealed(sender: object, recipient: str, chain: Chain,
+                   rid: bytes | None = None) -> bytes:
+            rid = rid or os.urandom(16)
+            body = encode(Contribution(rid, np.zeros((1, 3), dtype=np.uint64)))
+            [w] = seal(body, sender=sender, recipient=c.registry[recipient],  # type: ignore[arg-type]
+                       consortium=c.id, round_id=rid, kind=MessageKind.CONTRIBUTION,
+                       chain=chain)
+            return w
+
+        cases: list[tuple[str, bytes, str]] = [
+            ("malformed msgpack", b"\xc1\xc1\xc1\xc1", "MalformedMessage"),
+            ("truncated", history[1][: len(history[1]) // 2], "MalformedMessage"),
+            ("oversized", msgpack.packb([1, b"h", os.urandom(1_100_000), b"s"]),
+             "MessageTooLarge"),
+            ("deeply nested", b"\x91" * 100_000 + b"\xc0", "MalformedMessage"),
+            ("unknown version", msgpack.packb([9, *outer[1:]]), "UnsupportedVersion"),
+            ("wrong round", sealed(bank2, "coordinator", Chain(h2.seq + 10_000)),
+             "UnknownRound"),
+            ("wrong recipient", sealed(bank2, "bank-1", Chain(h2.seq + 20_000)),
+             "WrongRecipient"),
+            ("forged signature", sealed(impostor, "coordinator", Chain()), "BadSignature"),
+            ("two messages, one sequence number",
+             sealed(bank2, "coordinator", Chain(h2.seq, h2.prev), h2.round_id),
+             "EquivocationError"),
+        ]
+        def rejected(reason: str) -> int:
+            return coord.stats.rejected_by_reason.get(reason, 0)
+
+        for name, wire, reason in cases:
+            before = rejected(reason)
+            await produce(kafka_bootstrap, topic, [wire])
+            await coord.wait_until(lambda: rejected(reason) > before,  # noqa: B023
+                                   20)
+            HOSTILE_COUNTS[name] = HOSTILE_COUNTS.get(name, 0) + 1
+        dups = coord.stats.duplicates
+        await produce(kafka_bootstrap, topic, [history[0]])  # an old valid envelope again
+        await coord.wait_until(lambda: coord.stats.duplicates > dups, 20)
+        HOSTILE_COUNTS["old message replayed"] = 1
+        await honest()  # the agents kept running and still compute exact totals
+
+
+async def test_values_out_of_their_declared_range_abort_the_round(kafka_bootstrap: str,
+                                                                  tmp_path: Path) -> None:
+    """A member whose data breaks the declared bounds: the coordinator aborts, never publishes."""
+    d = make_consortium(tmp_path, kafka_bootstrap, 3)
+    ids = query_ids(d, 80)
+    async with running(d, skip=("bank-3",)) as agents:
+        rogue = Agent(load_party(d / "bank-3.toml"))
+        key = rogue.cfg.consortium_key
+        assert key is not None
+        huge = 10**15  # balance max is 10**13 cents
+        bad = LocalTable.build(tokenize(ids, key),
+                               np.array([[huge, 0]] * len(ids), dtype=np.int64),
+                               ("balance", "overdue_days"))
+        rogue.snapshot = None  # keep the bad table: it never passed the loader's checks
+        assert isinstance(rogue.party, InstitutionParty)
+        rogue.party.set_table(bad)
+        task = asyncio.create_task(rogue.run())
+        try:
+            async with asyncio.timeout(60):
+                await rogue.ready.wait()
+            b1 = agents["bank-1"]
+            out = await b1.submit(os.urandom(16), tokenize(ids, key),
+                                  participants=b1.cfg.consortium.institutions,
+                                  attributes=ATTRS, scope=Scope.QUERY, timeout_s=30)
+        finally:
+            rogue.stop()
+            await task
+        assert isinstance(out, Ended), out
+        assert not isinstance(out, Outcome)
+        assert out.reason is AbortReason.TOTAL_OUT_OF_RANGE
+        assert agents["coordinator"].stats.published == 0
+        HOSTILE_COUNTS["values out of range"] = 1
