@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench broker-start broker-stop clean
+.PHONY: demo test lint bench soak broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev,bench]'
 	$(VENV)/bin/zerosum bench --json bench.json --plot bench.png
+
+# the fault tests at full counts (100 kills, 5 broker restarts, ...), with their summary
+soak: $(STAMP)
+	ZEROSUM_SOAK=1 $(VENV)/bin/pytest -p no:logging tests/test_crash_kafka.py \
+		tests/test_broker_restart_kafka.py tests/test_duplicates_kafka.py \
+		tests/test_hostile_kafka.py tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check agents protocol tests

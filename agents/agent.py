@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from numpy.typing import NDArray
 
 from agents.broker import broker_config_dir, read_properties
@@ -244,7 +244,7 @@ class Agent:
                     if self._failpoint == 0:  # crash tests: die between produce and commit
                         self.log.warning("failpoint: exiting before the commit")
                         os._exit(137)
-                await self._consumer.commit({tp: records[-1].offset + 1})
+                await self._commit({tp: records[-1].offset + 1})
             async with self._progress:
                 self._progress.notify_all()
 
@@ -406,6 +406,41 @@ class Agent:
         tmp.replace(base.with_suffix(".json"))
         self.log.info("round %s: result for `zerosum round` in %s", round_id.hex(), out)
 
+    async def _produce(self, items: list[tuple[str, bytes]]) -> None:
+        """Produce and await every ack; what failed (a broker away longer than the producer's
+        own retries) is sent again, with backoff, until the broker is back."""
+        assert self._producer is not None
+        delay = 0.2
+        while items:
+            results: list[object] = []
+            try:
+                futures = [await self._producer.send(t, w) for t, w in items]
+                results = list(await asyncio.gather(*futures, return_exceptions=True))
+            except KafkaError as exc:
+                results = [exc] * len(items)
+            failed = [it for it, r in zip(items, results, strict=True)
+                      if isinstance(r, BaseException)]
+            if not failed:
+                return
+            self.log.warning("%d of %d envelopes not acknowledged (%s); sending them again in "
+                             "%.1f s", len(failed), len(items), next(
+                                 r for r in results if isinstance(r, BaseException)), delay)
+            await asyncio.sleep(delay)  # backoff while the broker is away
+            delay = min(delay * 2, 5.0)
+            items = failed
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        assert self._consumer is not None
+        delay = 0.2
+        while True:
+            try:
+                await self._consumer.commit(offsets)
+                return
+            except KafkaError as exc:
+                self.log.warning("offset commit failed (%s); again in %.1f s", exc, delay)
+                await asyncio.sleep(delay)  # backoff while the broker is away
+                delay = min(delay * 2, 5.0)
+
     async def _flush(self) -> bool:
         """Journal, produce and await acks for everything the last inputs caused."""
         if not self._pending:
@@ -414,8 +449,7 @@ class Agent:
         items = [(o.topic, w) for o in self._pending for w in o.wires]
         self._pending.clear()
         self.outbox.stage(items)
-        futures = [await self._producer.send(topic, wire) for topic, wire in items]
-        await asyncio.gather(*futures)
+        await self._produce(items)
         self.stats.sent += len(items)
         self.outbox.done(self.party.chain)
         return True
