@@ -106,8 +106,11 @@ async def test_hostile_envelopes_are_rejected_typed_and_agents_keep_running(
         for name, wire, reason in cases:
             before = rejected(reason)
             await produce(kafka_bootstrap, topic, [wire])
-            await coord.wait_until(lambda: rejected(reason) > before,  # noqa: B023
-                                   20)
+            try:
+                await coord.wait_until(lambda: rejected(reason) > before,  # noqa: B023
+                                       20)
+            except TimeoutError as exc:
+                raise AssertionError(f"{name}: not rejected as {reason}") from exc
             COUNTERS["hostile inputs tried"] += 1
         dups = coord.stats.duplicates
         await produce(kafka_bootstrap, topic, [history[0]])  # an old valid envelope again
