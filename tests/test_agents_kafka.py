@@ -209,9 +209,13 @@ async def test_restarting_an_institution_mid_stream(kafka_bootstrap: str,
             task = asyncio.create_task(b2.run())
             async with asyncio.timeout(60):
                 await b2.ready.wait()
+            coord = agents["coordinator"]
+            seen = coord.stats.received
             pending = [asyncio.create_task(submit(agents["bank-1"], ids, timeout_s=8))
                        for _ in range(4)]
-            await asyncio.sleep(0)  # let the requests go out before the stop
+            # mid-stream: the coordinator has the requests when bank-2 stops
+            await coord.wait_until(lambda: coord.stats.received >= seen + 4,  # noqa: B023
+                                   30)
             b2.stop()
             await task
             if cycle == 2:
@@ -292,9 +296,13 @@ async def test_sigterm_to_an_institution_process_mid_stream(kafka_bootstrap: str
     async with running(d, skip=("bank-2",)) as agents:
         for _ in range(3):
             proc = await _start_process(d / "bank-2.toml")
+            coord = agents["coordinator"]
+            seen = coord.stats.received
             stream = [asyncio.create_task(submit(agents["bank-1"], ids, timeout_s=15))
                       for _ in range(5)]
-            await asyncio.sleep(0)  # yield once so the requests are under way
+            # mid-stream: the coordinator has the requests when bank-2 gets SIGTERM
+            await coord.wait_until(lambda: coord.stats.received >= seen + 5,  # noqa: B023
+                                   30)
             proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(60):
                 assert await proc.wait() == 0  # a graceful stop
