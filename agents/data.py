@@ -45,7 +45,7 @@ def load_table(path: Path, attributes: dict[str, AttributeSpec], key: bytes) -> 
         first: list[str] | None = next(reader, None)
         if first is None:
             raise DataFileError(f"{path}: empty file (expected a header row)")
-        return _build(path, [h.strip() for h in first], reader, attributes, key, first_row=2)
+        return _build(path, [h.strip() for h in first], reader, attributes, key)
 
 
 def _load_parquet(path: Path, attributes: dict[str, AttributeSpec], key: bytes) -> LocalTable:
@@ -58,14 +58,7 @@ def _load_parquet(path: Path, attributes: dict[str, AttributeSpec], key: bytes) 
         table = pq.read_table(path)
     except (OSError, ValueError) as exc:
         raise DataFileError(f"{path}: not a readable Parquet file: {exc}") from exc
-    names = [str(n) for n in table.column_names]
-    if ID_COLUMN not in names:
-        raise DataFileError(f"{path}: header: no {ID_COLUMN!r} column")
-    attrs = [n for n in names if n != ID_COLUMN]
-    unknown = [n for n in attrs if n not in attributes]
-    if unknown:
-        raise DataFileError(f"{path}: header: column {unknown[0]!r} is not an attribute of "
-                            f"the consortium ({', '.join(attributes)})")
+    attrs = _columns(path, [str(n) for n in table.column_names], attributes, "header")
     ids = table.column(ID_COLUMN).to_pylist()
     empty = next((i for i, x in enumerate(ids) if x is None or not str(x).strip()), None)
     if empty is not None:
@@ -104,22 +97,29 @@ def _load_parquet(path: Path, attributes: dict[str, AttributeSpec], key: bytes) 
         raise DataFileError(f"{path}: {exc}") from exc
 
 
-def _build(path: Path, header: list[str], rows: Iterable[list[str]],
-           attributes: dict[str, AttributeSpec], key: bytes, *, first_row: int) -> LocalTable:
-    head = "row 1" if first_row == 2 else "header"
+def _columns(path: Path, header: list[str], attributes: dict[str, AttributeSpec],
+             where: str) -> list[str]:
+    """The attribute columns of a header that has `customer_id` and only known attributes."""
     if ID_COLUMN not in header:
-        raise DataFileError(f"{path}: {head}: no {ID_COLUMN!r} column")
+        raise DataFileError(f"{path}: {where}: no {ID_COLUMN!r} column")
     names = [h for h in header if h != ID_COLUMN]
     unknown = [h for h in names if h not in attributes]
     if unknown:
-        raise DataFileError(f"{path}: {head}: column {unknown[0]!r} is not an attribute of "
+        raise DataFileError(f"{path}: {where}: column {unknown[0]!r} is not an attribute of "
                             f"the consortium ({', '.join(attributes)})")
+    return names
+
+
+def _build(path: Path, header: list[str], rows: Iterable[list[str]],
+           attributes: dict[str, AttributeSpec], key: bytes) -> LocalTable:
+    """A CSV's rows (the header is row 1) validated into a table."""
+    names = _columns(path, header, attributes, "row 1")
     id_at = header.index(ID_COLUMN)
     cols = [(header.index(n), attributes[n]) for n in names]
     ids: list[str] = []
     values: list[list[int]] = []
     seen: dict[str, int] = {}
-    for row_no, row in enumerate(rows, start=first_row):
+    for row_no, row in enumerate(rows, start=2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(header):

@@ -13,11 +13,10 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from agents.agent import Agent
 from agents.broker import LocalBroker
 from agents.config import load_party
 from agents.init import init_consortium
-from agents.run import setup_logging
+from agents.run import agents_in_process, setup_logging
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
 from protocol.tokens import normalise_id, tokenize, tokens_to_bytes
@@ -40,57 +39,48 @@ def plaintext(data_dir: Path,
 
 async def _demo(configs: list[Path], expected: dict[str, list[Decimal]], rounds: int,
                 customers: int) -> bool:
-    agents = [Agent(load_party(c)) for c in configs]
-    institutions = [a for a in agents if not a.cfg.is_coordinator]
-    key = institutions[0].cfg.consortium_key
-    assert key is not None
-    universe = sorted({f"CUST-{i:08d}" for i in range(customers * 2)})
     ok = True
-    async with asyncio.TaskGroup() as tg:
-        for a in agents:
-            tg.create_task(a.run())
-        try:
-            for a in agents:
-                async with asyncio.timeout(60):
-                    await a.ready.wait()
-            rng = random.Random()
-            for r in range(rounds):
-                requester = institutions[r % len(institutions)]
-                scope = Scope.INTERSECTION if r % 2 == 0 else Scope.QUERY
-                query_ids = rng.sample(universe, min(500, len(universe)))
-                tokens = tokenize(query_ids, key)
-                by_token = {tokens_to_bytes(tokens[i:i + 1]): c for i, c in enumerate(query_ids)}
-                t0 = time.monotonic()
-                res = await requester.submit(
-                    os.urandom(16), tokens, participants=requester.cfg.consortium.institutions,
-                    attributes=("balance", "overdue_days"), scope=scope, min_holders=1)
-                took = time.monotonic() - t0
-                if isinstance(res, Ended) or res is None:
-                    print(f"round {r + 1}: ABORTED {res}")
-                    ok = False
-                    continue
-                assert isinstance(res, Outcome)
-                mismatches = 0
-                print(f"\nround {r + 1}: requested by {requester.cfg.party}, scope {scope}, "
-                      f"{len(query_ids)} customers asked, {res.tokens.size} rows published, "
-                      f"{res.withheld} withheld, {took:.2f} s")
-                print(f"  {'customer':<15} {'holders':>7} {'total balance':>18} "
-                      f"{'plaintext balance':>18} {'overdue days':>12}")
-                for i, t in enumerate(res.tokens):
-                    cid = by_token[bytes(t)]
-                    holders, bal, days = (int(v) for v in res.totals[i])
-                    want = expected.get(normalise_id(cid), [Decimal(0)] * 3)
-                    got = [Decimal(holders), Decimal(bal).scaleb(-2), Decimal(days)]
-                    if got != want:
-                        mismatches += 1
-                    if i < 5:
-                        print(f"  {cid:<15} {holders:>7} {got[1]:>18} {want[1]:>18} {days:>12}")
-                print(f"  plaintext check: {'PASSED' if mismatches == 0 else 'FAILED'} "
-                      f"({res.tokens.size - mismatches}/{res.tokens.size} rows equal)")
-                ok = ok and mismatches == 0
-        finally:
-            for a in agents:
-                a.stop()
+    universe = sorted({f"CUST-{i:08d}" for i in range(customers * 2)})
+    async with agents_in_process([load_party(c) for c in configs]) as by_name:
+        agents = list(by_name.values())
+        institutions = [a for a in agents if not a.cfg.is_coordinator]
+        key = institutions[0].cfg.consortium_key
+        assert key is not None
+        rng = random.Random()
+        for r in range(rounds):
+            requester = institutions[r % len(institutions)]
+            scope = Scope.INTERSECTION if r % 2 == 0 else Scope.QUERY
+            query_ids = rng.sample(universe, min(500, len(universe)))
+            tokens = tokenize(query_ids, key)
+            by_token = {tokens_to_bytes(tokens[i:i + 1]): c for i, c in enumerate(query_ids)}
+            t0 = time.monotonic()
+            res = await requester.submit(
+                os.urandom(16), tokens, participants=requester.cfg.consortium.institutions,
+                attributes=("balance", "overdue_days"), scope=scope, min_holders=1)
+            took = time.monotonic() - t0
+            if isinstance(res, Ended) or res is None:
+                print(f"round {r + 1}: ABORTED {res}")
+                ok = False
+                continue
+            assert isinstance(res, Outcome)
+            mismatches = 0
+            print(f"\nround {r + 1}: requested by {requester.cfg.party}, scope {scope}, "
+                  f"{len(query_ids)} customers asked, {res.tokens.size} rows published, "
+                  f"{res.withheld} withheld, {took:.2f} s")
+            print(f"  {'customer':<15} {'holders':>7} {'total balance':>18} "
+                  f"{'plaintext balance':>18} {'overdue days':>12}")
+            for i, t in enumerate(res.tokens):
+                cid = by_token[bytes(t)]
+                holders, bal, days = (int(v) for v in res.totals[i])
+                want = expected.get(normalise_id(cid), [Decimal(0)] * 3)
+                got = [Decimal(holders), Decimal(bal).scaleb(-2), Decimal(days)]
+                if got != want:
+                    mismatches += 1
+                if i < 5:
+                    print(f"  {cid:<15} {holders:>7} {got[1]:>18} {want[1]:>18} {days:>12}")
+            print(f"  plaintext check: {'PASSED' if mismatches == 0 else 'FAILED'} "
+                  f"({res.tokens.size - mismatches}/{res.tokens.size} rows equal)")
+            ok = ok and mismatches == 0
     return ok
 
 

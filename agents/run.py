@@ -58,7 +58,10 @@ async def agents_in_process(configs: list[PartyConfig],
         for a in agents.values():
             a.stop()
         async with asyncio.timeout(120):
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:  # an agent that died must not pass unnoticed
+            raise failed[0]
 
 
 def party_configs(directory: Path) -> list[PartyConfig]:

@@ -19,6 +19,7 @@ from agents.agent import Agent
 from agents.config import load_party
 from agents.demo import plaintext
 from agents.init import init_consortium
+from agents.run import agents_in_process, party_configs
 from protocol.errors import AbortReason
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
@@ -37,22 +38,10 @@ def make_consortium(tmp: Path, bootstrap: str, n: int, customers: int = 300) -> 
 
 @contextlib.asynccontextmanager
 async def running(directory: Path, skip: tuple[str, ...] = ()) -> AsyncIterator[dict[str, Agent]]:
-    agents = {}
-    for c in sorted(directory.glob("*.toml")):
-        if c.name == "consortium.toml" or c.stem in skip:
-            continue
-        agents[c.stem] = Agent(load_party(c))
-    tasks = [asyncio.create_task(a.run(), name=name) for name, a in agents.items()]
-    try:
-        async with asyncio.timeout(60):
-            for a in agents.values():
-                await a.ready.wait()
+    """Every party of the consortium in `directory` (but `skip`) as an in-process agent."""
+    configs = [c for c in party_configs(directory) if c.party not in skip]
+    async with agents_in_process(configs) as agents:
         yield agents
-    finally:
-        for a in agents.values():
-            a.stop()
-        async with asyncio.timeout(60):
-            await asyncio.gather(*tasks)
 
 
 def check(outcome: Outcome | Ended | None, ids: list[str], directory: Path) -> int:
