@@ -315,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the Kafka client's own chatter only with --verbose
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
     func: Handler = args.func
     try:
         return func(args)
