@@ -93,9 +93,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     kem = KemKind.MLKEM768_X25519 if args.kem == "mlkem768-x25519" else KemKind.X25519
     try:
+        consortium = args.consortium or f"zs-{os.urandom(4).hex()}"
         files = init_consortium(args.dir, institutions=args.institutions,
                                 customers=args.customers, bootstrap=args.bootstrap,
-                                consortium=args.consortium, kem=kem,
+                                consortium=consortium, kem=kem,
                                 keep_existing=args.keep_existing)
     except (ValueError, FileExistsError) as exc:
         raise CliError(str(exc)) from exc
@@ -166,7 +167,9 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="sample customers per institution (default: 1000)")
     p.add_argument("--bootstrap", default=f"127.0.0.1:{DEFAULT_PORT}",
                    help="Kafka bootstrap address the agents use (default: %(default)s)")
-    p.add_argument("--consortium", default="demo", help="consortium id (default: demo)")
+    p.add_argument("--consortium",
+                   help="consortium id, part of every topic name (default: a new random id, "
+                        "so that a new consortium never reuses an old one's topics)")
     p.add_argument("--kem", choices=["x25519", "mlkem768-x25519"], default="x25519",
                    help="HPKE key encapsulation (default: x25519)")
     p.add_argument("--keep-existing", action="store_true",

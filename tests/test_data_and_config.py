@@ -136,3 +136,15 @@ def test_parquet_integer_columns_are_whole_units_checked_in_bulk(tmp_path: Path)
     pq.write_table(pa.table({"customer_id": ["a", "b", " A"], "balance": [1, 2, 3]}), p)
     with pytest.raises(DataFileError, match=r"row \d, column customer_id: the same customer"):
         load_table(p, ATTRS, KEY)
+
+
+def test_init_from_the_cli_gives_each_consortium_its_own_topics(tmp_path: Path) -> None:
+    ids = set()
+    for name in ("a", "b"):
+        assert main(["init", str(tmp_path / name), "--institutions", "2",
+                     "--customers", "3"]) == 0
+        ids.add(load_consortium(tmp_path / name / "consortium.toml").id)
+    assert len(ids) == 2
+    assert main(["init", str(tmp_path / "c"), "--institutions", "2", "--customers", "3",
+                 "--consortium", "bank-club"]) == 0
+    assert load_consortium(tmp_path / "c" / "consortium.toml").id == "bank-club"
