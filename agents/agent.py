@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,35 @@ async def ensure_topics(bootstrap: str, topics: list[str]) -> None:
                                                     topic_configs=configs) for t in missing])
     finally:
         await admin.close()
+
+
+async def read_to_end(bootstrap: str, topics: list[str], *,
+                      last: int | None = None) -> AsyncIterator[Any]:
+    """The records of `topics` (partition 0) up to their end offsets at the time of the call:
+    all of them, or only the `last` few of each. RuntimeError if the broker stops delivering
+    before the end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest",
+                                max_partition_fetch_bytes=MAX_REQUEST_BYTES * 4)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, 0) for t in topics]
+        consumer.assign(tps)
+        # explicit offsets: a pending seek_to_beginning is lost to the reset policy
+        starts = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, starts[tp] if last is None else max(ends[tp] - last, starts[tp]))
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            batch = await consumer.getmany(timeout_ms=10_000)
+            if not batch:
+                raise RuntimeError(f"{', '.join(topics)} stopped delivering before their end")
+            for tp, recs in batch.items():
+                for r in recs:
+                    if r.offset < ends[tp]:
+                        yield r
+    finally:
+        await consumer.stop()
 
 
 @dataclass
@@ -204,25 +233,8 @@ class Agent:
 
         Only the tail can hold them: the journal is emptied after every acknowledged batch, so
         its envelopes are among the last ones this party wrote to each topic."""
-        reader = AIOKafkaConsumer(bootstrap_servers=self.cfg.bootstrap,
-                                  enable_auto_commit=False,
-                                  max_partition_fetch_bytes=MAX_REQUEST_BYTES * 4)
-        await reader.start()
-        found: set[bytes] = set()
-        try:
-            tps = [TopicPartition(t, 0) for t in topics]
-            reader.assign(tps)
-            ends = await reader.end_offsets(tps)
-            for tp in tps:
-                reader.seek(tp, max(ends[tp] - pending - 10_000, 0))
-            while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
-                batch = await reader.getmany(timeout_ms=5000)
-                if not batch:
-                    break
-                found |= {digest(r.value) for rs in batch.values() for r in rs}
-        finally:
-            await reader.stop()
-        return found
+        return {digest(r.value) async for r in read_to_end(
+            self.cfg.bootstrap, sorted(topics), last=pending + 10_000)}
 
     # -- loops -------------------------------------------------------------------------------
     async def _consume(self) -> None:

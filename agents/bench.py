@@ -29,8 +29,9 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from agents.agent import ensure_topics, read_to_end
 from agents.config import load_party
 from agents.init import init_consortium
 from agents.run import agents_in_process, party_configs, request_round
@@ -149,34 +150,18 @@ async def agent_processes(configs: list[Path],
 
 async def bus_bytes(bootstrap: str, topics: list[str]) -> dict[str, Any]:
     """Bytes on the bus by sender, by (sender, topic), and by message kind."""
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                         auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20)
-    await c.start()
     by_sender: dict[str, int] = defaultdict(int)
     by_kind: dict[str, int] = defaultdict(int)
     by_route: dict[tuple[str, str], int] = defaultdict(int)
     stages: dict[str, list[int]] = {}  # kind -> [first, last] record timestamp
-    try:
-        tps = [TopicPartition(t, 0) for t in topics]
-        c.assign(tps)
-        for tp, start in (await c.beginning_offsets(tps)).items():
-            c.seek(tp, start)
-        ends = await c.end_offsets(tps)
-        while [tp for tp in tps if await c.position(tp) < ends[tp]]:
-            batch = await c.getmany(timeout_ms=10_000)
-            if not batch:
-                raise RuntimeError("topics stopped delivering while counting bytes")
-            for tp, recs in batch.items():
-                for r in recs:
-                    h = Header.decode(msgpack.unpackb(r.value)[1])
-                    n = len(r.value)
-                    by_sender[h.sender] += n
-                    by_kind[h.kind.name] += n
-                    by_route[(h.sender, tp.topic)] += n
-                    span = stages.setdefault(h.kind.name, [r.timestamp, r.timestamp])
-                    span[0], span[1] = min(span[0], r.timestamp), max(span[1], r.timestamp)
-    finally:
-        await c.stop()
+    async for r in read_to_end(bootstrap, topics):
+        h = Header.decode(msgpack.unpackb(r.value)[1])
+        n = len(r.value)
+        by_sender[h.sender] += n
+        by_kind[h.kind.name] += n
+        by_route[(h.sender, r.topic)] += n
+        span = stages.setdefault(h.kind.name, [r.timestamp, r.timestamp])
+        span[0], span[1] = min(span[0], r.timestamp), max(span[1], r.timestamp)
     t0 = min((v[0] for v in stages.values()), default=0)
     return {"by_sender": dict(by_sender), "by_kind": dict(by_kind),
             "by_route": {f"{s}->{t}": n for (s, t), n in by_route.items()},
@@ -195,7 +180,6 @@ async def transport_floor(bootstrap: str, routes: dict[str, int]) -> float:
         sender, topic = route.split("->")
         by_sender[sender].append((f"{topic}.floor{suffix}", n))
         per_topic[f"{topic}.floor{suffix}"] += n
-    from agents.agent import ensure_topics
     await ensure_topics(bootstrap, list(per_topic))
 
     async def send(items: list[tuple[str, int]]) -> None:
@@ -279,6 +263,8 @@ async def large_round(bootstrap: str, *, customers: int, institutions: int, attr
                       if MessageKind[k] in IDENTIFIER_KINDS)
     results = bytes_["by_kind"].get("ROUND_RESULT", 0)
     cfloor = compute_floor(customers, width, institutions)
+    # the data of an agent's round: the |I| x A matrices it must hold at once; an institution
+    # its values and its share or contribution, the coordinator the n inputs and their sum
     round_data = {n: customers * width * 8 * (2 if n != "coordinator" else institutions + 1)
                   for n in rss}
     out = {

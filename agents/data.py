@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from protocol.errors import DataError, ValueRangeError
-from protocol.fixedpoint import AttributeSpec
+from protocol.fixedpoint import AttributeSpec, out_of_bounds
 from protocol.tokens import LocalTable, Tokens, normalise_id, tokenize
 
 ID_COLUMN = "customer_id"
@@ -72,10 +72,10 @@ def _load_parquet(path: Path, attributes: dict[str, AttributeSpec], key: bytes) 
         if pa.types.is_integer(col.type):
             whole = col.to_numpy().astype(np.int64)
             unit = 10**spec.scale
-            # bounds on the whole units first, so that scaling cannot overflow int64
-            scaled = np.clip(whole, -(2**62) // unit, 2**62 // unit) * unit
-            bad = np.flatnonzero((scaled < spec.min) | (scaled > spec.max)
-                                 | (whole > 2**62 // unit) | (whole < -(2**62) // unit))
+            # values too large to scale are out of bounds too; scaling them could wrap
+            too_large = (whole > 2**62 // unit) | (whole < -(2**62) // unit)
+            scaled = np.where(too_large, 0, whole) * unit
+            bad = np.flatnonzero(too_large | out_of_bounds(spec, scaled))
             if bad.size:
                 r = int(bad[0])
                 raise DataFileError(f"{path}: row {r + 1}, column {name}: {whole[r]} is outside "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protocol.codec import decode
-from protocol.envelope import _SEAL_INFO, _SUITES, Header, PrivateParty, PublicParty, verify
+from protocol.envelope import Header, PrivateParty, PublicParty, open_sealed, verify
 from protocol.errors import AbortReason, TotalOutOfRange, ZerosumError
 from protocol.fixedpoint import AttributeSpec, decode_totals
 from protocol.messages import (
@@ -193,9 +193,8 @@ class Auditor:
             r.last_ms = max(r.last_ms, rec.timestamp_ms)
         if self.key is not None and h.recipient == self.key.party_id:
             try:
-                m.chunks[h.part] = _SUITES[self.key.kem].decrypt(
-                    v.ciphertext, self.key.kem_key, info=_SEAL_INFO + h.encode())
-            except Exception as exc:
+                m.chunks[h.part] = open_sealed(self.key, v)
+            except ZerosumError as exc:
                 self.findings.append(Finding(loc, "decrypt", f"{type(exc).__name__}: {exc}"))
 
     def _chain(self, h: Header, digest: bytes, loc: Location) -> bool:

@@ -257,6 +257,16 @@ def verify(wire: bytes, registry: dict[str, PublicParty], consortium: str) -> Ve
     return Verified(header, ct, digest(wire), wire)
 
 
+def open_sealed(me: PrivateParty, v: Verified) -> bytes:
+    """Decrypt a verified envelope's chunk addressed to `me`; BadCiphertext if it does not."""
+    try:
+        return _SUITES[me.kem].decrypt(v.ciphertext, me.kem_key,
+                                       info=_SEAL_INFO + v.header.encode())
+    except (InvalidTag, ValueError) as exc:
+        raise BadCiphertext(f"envelope {v.header.seq} of {v.header.sender!r} does not decrypt",
+                            sender=v.header.sender) from exc
+
+
 @dataclass
 class _SenderState:
     last_seq: int = -1
@@ -300,12 +310,7 @@ class Inbox:
             raise WrongRecipient(f"envelope for {h.recipient!r} reached {self.me.party_id!r}",
                                  sender=h.sender)
         self._check_sequence(h, v)
-        try:
-            chunk = _SUITES[self.me.kem].decrypt(v.ciphertext, self.me.kem_key,
-                                                 info=_SEAL_INFO + h.encode())
-        except (InvalidTag, ValueError) as exc:
-            raise BadCiphertext(f"envelope {h.seq} of {h.sender!r} does not decrypt",
-                                sender=h.sender) from exc
+        chunk = open_sealed(self.me, v)
         if h.parts == 1:
             return Delivery(h.sender, h.round_id, h.kind, chunk, h.seq)
         return self._reassemble(h, chunk)

@@ -84,11 +84,14 @@ def check_bounds(spec: AttributeSpec, units: int) -> int:
     return units
 
 
+def out_of_bounds(spec: AttributeSpec, column: NDArray[np.int64]) -> NDArray[np.bool_]:
+    """Which values of a column (scaled units) lie outside the spec's bounds."""
+    return (column < spec.min) | (column > spec.max)
+
+
 def check_column_bounds(spec: AttributeSpec, column: NDArray[np.int64]) -> None:
     """Every value of a column within the spec's bounds; names the first offending row."""
-    if column.size == 0:
-        return
-    bad = np.flatnonzero((column < spec.min) | (column > spec.max))
+    bad = np.flatnonzero(out_of_bounds(spec, column))
     if bad.size:
         row = int(bad[0])
         raise ValueRangeError(f"{spec.name}: row {row}: {spec.format(int(column[row]))} is "

@@ -76,40 +76,41 @@ class Scope(StrEnum):
     QUERY = "query"
 
 
-def _invalid(msg: str) -> ValueError:
-    return ValueError(msg)
-
-
 def check_party(name: str, what: str = "party id") -> None:
     if not _PARTY.match(name):
-        raise _invalid(f"{what} {name!r}: 1-63 of a-z 0-9 _ . -, starting with a letter or digit")
+        raise ValueError(f"{what} {name!r}: 1-63 of a-z 0-9 _ . -, starting with a letter or digit")
 
 
 def _check_round_id(rid: bytes) -> None:
     if len(rid) != ROUND_ID_BYTES:
-        raise _invalid(f"round_id has {len(rid)} bytes, expected {ROUND_ID_BYTES}")
+        raise ValueError(f"round_id has {len(rid)} bytes, expected {ROUND_ID_BYTES}")
 
 
 def _check_tokens(tokens: Tokens, what: str) -> None:
     if tokens.dtype != TOKEN_DTYPE or tokens.ndim != 1:
-        raise _invalid(f"{what}: expected a 1-d array of {TOKEN_DTYPE}")
+        raise ValueError(f"{what}: expected a 1-d array of {TOKEN_DTYPE}")
     dup = first_duplicate(tokens)
     if dup is not None:
-        raise _invalid(f"{what}: token {dup} appears more than once")
+        raise ValueError(f"{what}: token {dup} appears more than once")
 
 
 def _check_participants(participants: tuple[str, ...]) -> None:
     if not 2 <= len(participants) <= MAX_PARTICIPANTS:
-        raise _invalid(f"participants: need 2..{MAX_PARTICIPANTS}, got {len(participants)}")
+        raise ValueError(f"participants: need 2..{MAX_PARTICIPANTS}, got {len(participants)}")
     for p in participants:
         check_party(p, "participant")
     if len(set(participants)) != len(participants):
-        raise _invalid("participants: a party is listed twice")
+        raise ValueError("participants: a party is listed twice")
+
+
+def _check_min_holders(min_holders: int, n: int) -> None:
+    if not 0 <= min_holders <= n:
+        raise ValueError(f"min_holders {min_holders} is not in 0..{n}")
 
 
 def _check_matrix(m: U64, what: str) -> None:
     if m.dtype != np.uint64 or m.ndim != 2:
-        raise _invalid(f"{what}: expected a 2-d uint64 matrix")
+        raise ValueError(f"{what}: expected a 2-d uint64 matrix")
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,16 +140,15 @@ class RoundRequest(Message):
         super().__post_init__()
         _check_participants(self.participants)
         if self.requester not in self.participants:
-            raise _invalid(f"requester {self.requester!r} is not among the participants")
+            raise ValueError(f"requester {self.requester!r} is not among the participants")
         if self.leader and self.leader not in self.participants:
-            raise _invalid(f"leader {self.leader!r} is not among the participants")
+            raise ValueError(f"leader {self.leader!r} is not among the participants")
         if len(self.attributes) > MAX_ATTRIBUTES or len(set(self.attributes)) != len(
                 self.attributes):
-            raise _invalid("attributes: at most 64, each once")
-        if not 0 <= self.min_holders <= len(self.participants):
-            raise _invalid(f"min_holders {self.min_holders} is not in 0..{len(self.participants)}")
+            raise ValueError("attributes: at most 64, each once")
+        _check_min_holders(self.min_holders, len(self.participants))
         if self.deadline_ms <= 0:
-            raise _invalid("deadline_ms must be a positive epoch time in milliseconds")
+            raise ValueError("deadline_ms must be a positive epoch time in milliseconds")
         _check_tokens(self.query, "query")
 
 
@@ -169,13 +169,12 @@ class MaskAssignment(Message):
         _check_participants(self.participants)
         for who, name in (("leader", self.leader), ("requester", self.requester)):
             if name not in self.participants:
-                raise _invalid(f"{who} {name!r} is not among the participants")
+                raise ValueError(f"{who} {name!r} is not among the participants")
         if len({a.name for a in self.attributes}) != len(self.attributes):
-            raise _invalid("attributes: each at most once")
+            raise ValueError("attributes: each at most once")
         if self.mask.dtype != np.uint64 or self.mask.shape != (1 + len(self.attributes),):
-            raise _invalid(f"mask: expected {1 + len(self.attributes)} uint64 values")
-        if not 0 <= self.min_holders <= len(self.participants):
-            raise _invalid(f"min_holders {self.min_holders} is not in 0..{len(self.participants)}")
+            raise ValueError(f"mask: expected {1 + len(self.attributes)} uint64 values")
+        _check_min_holders(self.min_holders, len(self.participants))
 
     @property
     def width(self) -> int:
@@ -203,7 +202,7 @@ class LeaderShare(Message):
         super().__post_init__()
         _check_tokens(self.tokens, "tokens")
         if len(self.seed) != SEED_BYTES:
-            raise _invalid(f"seed has {len(self.seed)} bytes, expected {SEED_BYTES}")
+            raise ValueError(f"seed has {len(self.seed)} bytes, expected {SEED_BYTES}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,12 +238,12 @@ class RoundResult(Message):
         super().__post_init__()
         _check_matrix(self.totals, "totals")
         if self.rows < 0 or len(self.kept) != (self.rows + 7) // 8:
-            raise _invalid(f"kept: expected {(self.rows + 7) // 8} bytes for {self.rows} rows")
+            raise ValueError(f"kept: expected {(self.rows + 7) // 8} bytes for {self.rows} rows")
         bits = np.unpackbits(np.frombuffer(self.kept, dtype=np.uint8), bitorder="little")
         if bits[self.rows:].any():
-            raise _invalid("kept: bits past the last row are set")
+            raise ValueError("kept: bits past the last row are set")
         if int(bits.sum()) != self.totals.shape[0]:
-            raise _invalid(f"totals: {self.totals.shape[0]} rows but {int(bits.sum())} kept")
+            raise ValueError(f"totals: {self.totals.shape[0]} rows but {int(bits.sum())} kept")
 
     def kept_mask(self) -> np.ndarray[tuple[int], np.dtype[np.bool_]]:
         bits = np.unpackbits(np.frombuffer(self.kept, dtype=np.uint8), bitorder="little")
@@ -261,7 +260,7 @@ class RoundAbort(Message):
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.detail) > MAX_DETAIL:
-            raise _invalid(f"detail: at most {MAX_DETAIL} characters")
+            raise ValueError(f"detail: at most {MAX_DETAIL} characters")
         for c in self.culprits:
             check_party(c, "culprit")
 

@@ -15,7 +15,6 @@ from protocol.codec import DEFAULT_MAX_BYTES, decode, encode
 from protocol.coordinator import CoordinatorPolicy, CoordinatorRound
 from protocol.envelope import Chain, Delivery, Inbox, PrivateParty, PublicParty, seal
 from protocol.errors import (
-    AbortReason,
     DuplicateRound,
     MalformedMessage,
     UnknownRound,
@@ -45,10 +44,6 @@ class Rejected:
     """An input that was refused, with its typed error (logged and counted; never fatal)."""
 
     error: ZerosumError
-
-    @property
-    def reason(self) -> AbortReason:
-        return getattr(self.error, "reason", AbortReason.UNEXPECTED_MESSAGE)
 
 
 Event = Output | Outgoing | Rejected

@@ -13,9 +13,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents.agent import Agent
+from agents.agent import Agent, read_to_end
 from agents.config import load_party
 from agents.demo import plaintext
 from agents.init import init_consortium
@@ -124,20 +123,7 @@ async def test_raw_topics_hold_no_plaintext(kafka_bootstrap: str, tmp_path: Path
         for scope in Scope:
             check(await submit(agents["bank-2"], ids, scope), ids, d)
         topics = [p.topic for p in agents["bank-1"].cfg.consortium.registry.values()]
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    dump = b""
-    try:
-        tps = [TopicPartition(t, 0) for t in topics]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            batch = await consumer.getmany(timeout_ms=5000)
-            assert batch, "topics did not deliver up to their end offsets"
-            dump += b"".join(r.value for rs in batch.values() for r in rs)
-    finally:
-        await consumer.stop()
+    dump = b"".join([r.value async for r in read_to_end(kafka_bootstrap, topics)])
     assert len(dump) > 10_000
     leaks = [c for c in ids[:150] if c.encode() in dump]
     with open(d / "data" / "bank-1.csv", newline="") as fh:

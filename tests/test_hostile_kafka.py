@@ -10,9 +10,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents.agent import Agent
+from agents.agent import Agent, read_to_end
 from agents.config import load_party
 from protocol.codec import encode
 from protocol.driver import keys_for
@@ -30,21 +29,7 @@ pytestmark = pytest.mark.kafka
 
 
 async def _records(bootstrap: str, topic: str) -> list[bytes]:
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await c.start()
-    try:
-        tp = TopicPartition(topic, 0)
-        c.assign([tp])
-        c.seek(tp, 0)
-        end = (await c.end_offsets([tp]))[tp]
-        out: list[bytes] = []
-        while len(out) < end:
-            batch = await c.getmany(tp, timeout_ms=10_000)
-            assert batch, "topic stopped delivering"
-            out += [bytes(r.value) for r in batch[tp]]
-        return out
-    finally:
-        await c.stop()
+    return [bytes(r.value) async for r in read_to_end(bootstrap, [topic])]
 
 
 async def test_hostile_envelopes_are_rejected_typed_and_agents_keep_running(
