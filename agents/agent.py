@@ -31,12 +31,20 @@ from numpy.typing import NDArray
 from agents.broker import broker_config_dir, read_properties
 from agents.config import PartyConfig
 from agents.data import Snapshot
+from agents.ledger import RoundLedger
 from agents.outbox import Outbox
-from protocol.coordinator import CoordinatorPolicy
 from protocol.envelope import digest
+from protocol.errors import HandlingFailed
 from protocol.machine import Ended, Outcome, Published, SetTimer
 from protocol.messages import Scope
-from protocol.party import CoordinatorParty, Event, InstitutionParty, Outgoing, Rejected
+from protocol.party import (
+    CoordinatorParty,
+    Event,
+    InstitutionParty,
+    Outgoing,
+    Rejected,
+    RoundOpened,
+)
 from protocol.tokens import Tokens, tokens_from_bytes, tokens_to_bytes
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
@@ -118,6 +126,8 @@ class Agent:
         self.clock = clock
         self.log = log or logging.getLogger(f"zerosum.{cfg.party}")
         self.outbox = Outbox(cfg.state_dir)
+        self.ledger = RoundLedger(cfg.state_dir)
+        self._opened: list[tuple[bytes, int]] = []  # ledger entries to persist before a send
         self.stats = Stats()
         self.timers: dict[bytes, int] = {}
         self.waiters: dict[bytes, asyncio.Future[Outcome | Ended]] = {}
@@ -135,17 +145,17 @@ class Agent:
         chain = self.outbox.load_chain()
         self.snapshot: Snapshot | None = None
         self.party: CoordinatorParty | InstitutionParty
+        policy = c.round_policy()
         if cfg.is_coordinator:
-            policy = CoordinatorPolicy(frozenset(c.institutions), c.attributes,
-                                       min_participants=c.policy.min_participants)
             self.party = CoordinatorParty(cfg.keys, c.registry, c.id, policy, chain=chain)
         else:
             assert cfg.data is not None
             assert cfg.consortium_key is not None
             self.snapshot = Snapshot(cfg.data, c.attributes, cfg.consortium_key)
             self.party = InstitutionParty(cfg.keys, c.registry, c.id, coordinator=c.coordinator,
-                                          table=self.snapshot.refresh(),
-                                          attributes=c.attributes, chain=chain)
+                                          table=self.snapshot.refresh(), policy=policy,
+                                          chain=chain)
+        self.party.ledger = self.ledger.load()
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -200,12 +210,17 @@ class Agent:
             self.outbox.done(self.party.chain)
         tp = TopicPartition(self.cfg.topic, 0)
         self._consumer.assign([tp])
-        committed = await self._consumer.committed(tp) or 0
+        # inputs whose outputs were staged are replayed quietly even if their offsets were
+        # not committed (a crash between produce and commit): their envelopes are the
+        # journaled ones, already re-sent above, never sealed a second time
+        committed = max(await self._consumer.committed(tp) or 0,
+                        self.outbox.staged_through() + 1)
         start = (await self._consumer.beginning_offsets([tp]))[tp]
         self._consumer.seek(tp, start)
         if committed == 0:
             return
         self._replaying = True
+        self.party.sealing = False
         try:
             while True:
                 batch = await self._consumer.getmany(tp, timeout_ms=1000, max_records=500)
@@ -218,13 +233,16 @@ class Agent:
                     if r.offset >= committed:
                         self._consumer.seek(tp, r.offset)
                         return
-                    self._handle(self.party.receive(r.value))
+                    self._handle(self.party.receive(r.value, r.offset))
                     self.stats.replayed += 1
                 if records[-1].offset + 1 >= committed:
                     return
         finally:
             self._replaying = False
+            self.party.sealing = True
             self._pending.clear()
+            self.ledger.append(self._opened)  # rounds rebuilt but never persisted (rare)
+            self._opened.clear()
             self.log.info("replayed %d inputs up to offset %d; %d rounds in flight",
                           self.stats.replayed, committed, len(self.party.running()))
 
@@ -249,8 +267,8 @@ class Agent:
                 self._refresh_data()
                 for r in records:
                     self.stats.received += 1
-                    self._handle(self.party.receive(r.value))
-                flushed = await self._flush()
+                    self._handle(self._receive(r.value, r.offset))
+                flushed = await self._flush(through=records[-1].offset)
                 if flushed and self._failpoint:
                     self._failpoint -= 1
                     if self._failpoint == 0:  # crash tests: die between produce and commit
@@ -259,6 +277,14 @@ class Agent:
                 await self._commit({tp: records[-1].offset + 1})
             async with self._progress:
                 self._progress.notify_all()
+
+    def _receive(self, wire: bytes, offset: int) -> list[Event]:
+        """One record into the party. The party never raises on input; should it all the
+        same, the record is rejected and counted here, and committed past like any other."""
+        try:
+            return self.party.receive(wire, offset)
+        except Exception as exc:
+            return [Rejected(HandlingFailed(f"{type(exc).__name__}: {exc}"[:1024]))]
 
     async def _timer_loop(self) -> None:
         while not self._stop.is_set():
@@ -288,15 +314,20 @@ class Agent:
                 try:
                     req = json.loads(path.read_text())
                     tokens = tokens_from_bytes(path.with_suffix(".tokens").read_bytes())
+                    deadline_ms = req.get("deadline_ms")
+                    if deadline_ms is not None and (isinstance(deadline_ms, bool) or
+                                                    not isinstance(deadline_ms, int)):
+                        raise ValueError(f"deadline_ms must be an integer, not {deadline_ms!r}")
                     await self.submit(bytes.fromhex(req["round_id"]), tokens,
                                       participants=tuple(req["participants"]),
                                       attributes=tuple(req["attributes"]),
                                       scope=Scope(req["scope"]),
                                       min_holders=int(req["min_holders"]),
                                       timeout_s=float(req["timeout_s"]), wait=False,
-                                      deadline_ms=req.get("deadline_ms"))
-                except (OSError, ValueError, KeyError) as exc:
-                    self.log.error("bad round request %s: %s", path.name, exc)
+                                      deadline_ms=deadline_ms)
+                except Exception as exc:  # a bad spool file never stops the agent
+                    self.log.error("bad round request %s: %s: %s", path.name,
+                                   type(exc).__name__, exc)
                     self._write_result(bytes.fromhex(path.stem) if len(path.stem) == 32 else
                                        b"\0" * 16, {"status": "error", "detail": str(exc)})
                 path.unlink(missing_ok=True)
@@ -317,7 +348,7 @@ class Agent:
     async def submit(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
                      attributes: tuple[str, ...], scope: Scope = Scope.INTERSECTION,
                      min_holders: int = 1, timeout_s: float | None = None,
-                     leader: str = "", wait: bool = True,
+                     wait: bool = True,
                      deadline_ms: int | None = None) -> Outcome | Ended | None:
         """Ask the coordinator for a round; with `wait`, return its outcome or abort.
 
@@ -335,7 +366,7 @@ class Agent:
         async with self._lock:
             self._handle(party.request(round_id, query, participants=participants,
                                        attributes=attributes, deadline_ms=deadline_ms,
-                                       scope=scope, min_holders=min_holders, leader=leader))
+                                       scope=scope, min_holders=min_holders))
             await self._flush()
         self.log.info("requested round %s: %d customers, %d participants, scope %s",
                       round_id.hex(), query.size, len(participants), scope)
@@ -353,6 +384,8 @@ class Agent:
             if isinstance(e, Outgoing):
                 if not self._replaying:
                     self._pending.append(e)
+            elif isinstance(e, RoundOpened):
+                self._opened.append((e.round_id, e.position))
             elif isinstance(e, SetTimer):
                 self.timers[e.round_id] = e.at_ms
                 self._timers_changed.set()
@@ -453,14 +486,18 @@ class Agent:
                 await asyncio.sleep(delay)  # backoff while the broker is away
                 delay = min(delay * 2, 5.0)
 
-    async def _flush(self) -> bool:
-        """Journal, produce and await acks for everything the last inputs caused."""
+    async def _flush(self, through: int | None = None) -> bool:
+        """Persist new round ids, then journal, produce and await acks for everything the
+        last inputs (up to inbox offset `through`) caused."""
+        if self._opened:
+            await asyncio.to_thread(self.ledger.append, list(self._opened))
+            self._opened.clear()
         if not self._pending:
             return False
         assert self._producer is not None
         items = [(o.topic, w) for o in self._pending for w in o.wires]
         self._pending.clear()
-        self.outbox.stage(items)
+        await asyncio.to_thread(self.outbox.stage, items, through)
         await self._produce(items)
         self.stats.sent += len(items)
         self.outbox.done(self.party.chain)

@@ -241,7 +241,7 @@ async def large_round(bootstrap: str, *, customers: int, institutions: int, attr
             cfg = load_party(d / "bank-1.toml")
             t0 = time.time()
             data = await asyncio.to_thread(request_round, cfg, query, scope=Scope.QUERY,
-                                           out=None, participants=None, min_holders=0,
+                                           out=None, participants=None, min_holders=1,
                                            timeout_s=600, progress_s=30)
             requested = procs["bank-1"].when("requested round") or t0
             ends = [p.when(" result: ") for n, p in procs.items() if n != "coordinator"]

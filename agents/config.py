@@ -15,7 +15,8 @@ from typing import Any
 
 from protocol.envelope import KemKind, PrivateParty, PublicParty, private_party, public_party
 from protocol.fixedpoint import AttributeSpec, parse_decimal
-from protocol.messages import check_party
+from protocol.messages import MAX_QUERY, check_party
+from protocol.policy import DEFAULT_DIFFERENCE_WINDOW, DEFAULT_MAX_QUERY, ConsortiumPolicy
 from protocol.tokens import CONSORTIUM_KEY_BYTES
 
 KEM_NAMES = {"x25519": KemKind.X25519, "mlkem768-x25519": KemKind.MLKEM768_X25519}
@@ -64,9 +65,14 @@ def _hex(table: dict[str, Any], key: str, where: str, size: int | None = None) -
 
 @dataclass(frozen=True)
 class Policy:
-    min_participants: int
+    """[policy] of consortium.toml: the consortium's floors (a request may only raise them)."""
+
+    min_participants: int  # 0: every institution
     deadline_s: float
     min_holders: int
+    allow_subsets: bool = False
+    max_query: int = DEFAULT_MAX_QUERY
+    difference_window: int = DEFAULT_DIFFERENCE_WINDOW
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,47 @@ class Consortium:
     def institutions(self) -> tuple[str, ...]:
         return tuple(p for p in self.registry if p != self.coordinator)
 
+    def round_policy(self) -> ConsortiumPolicy:
+        """The policy every party enforces, the coordinator and each institution alike."""
+        p = self.policy
+        return ConsortiumPolicy(frozenset(self.institutions), self.attributes,
+                                min_participants=p.min_participants, min_holders=p.min_holders,
+                                allow_subsets=p.allow_subsets, max_query=p.max_query,
+                                difference_window=p.difference_window)
+
+
+_POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
+    # field: (type, default, smallest allowed)
+    "min_participants": (int, 0, 0),
+    "deadline_s": (float, 60.0, 1),
+    "min_holders": (int, 1, 1),
+    "allow_subsets": (bool, False, 0),
+    "max_query": (int, DEFAULT_MAX_QUERY, 1),
+    "difference_window": (int, DEFAULT_DIFFERENCE_WINDOW, 0),
+}
+
+
+def _policy(pol: Any, where: str) -> Policy:
+    if not isinstance(pol, dict):
+        raise ConfigError(f"{where}: must be a table")
+    if unknown := sorted(set(pol) - set(_POLICY_FIELDS)):
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: "
+                          f"{', '.join(_POLICY_FIELDS)})")
+    values: dict[str, Any] = {}
+    for key, (typ, default, least) in _POLICY_FIELDS.items():
+        value: Any = pol.get(key, default)
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{where}: field {key!r} must be {typ.__name__}, "
+                              f"got {type(value).__name__}")
+        if typ is not bool and value < least:
+            raise ConfigError(f"{where}: field {key!r} must be at least {least}")
+        values[key] = value
+    if values["max_query"] > MAX_QUERY:
+        raise ConfigError(f"{where}: field 'max_query' must be at most {MAX_QUERY}")
+    return Policy(**values)
+
 
 def load_consortium(path: Path) -> Consortium:
     raw = _load(path)
@@ -93,9 +140,7 @@ def load_consortium(path: Path) -> Consortium:
         check_party(cid, "consortium id")
     except ValueError as exc:
         raise ConfigError(f"{w} [consortium]: {exc}") from exc
-    pol = raw.get("policy", {})
-    policy = Policy(int(pol.get("min_participants", 2)), float(pol.get("deadline_s", 60)),
-                    int(pol.get("min_holders", 1)))
+    policy = _policy(raw.get("policy", {}), f"{w} [policy]")
     attributes: dict[str, AttributeSpec] = {}
     for i, a in enumerate(_get(raw, "attributes", list, w)):
         where = f"{w} [[attributes]] #{i + 1}"

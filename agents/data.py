@@ -70,15 +70,19 @@ def _load_parquet(path: Path, attributes: dict[str, AttributeSpec], key: bytes) 
             row = next(i for i, v in enumerate(col.to_pylist()) if v is None)
             raise DataFileError(f"{path}: row {row + 1}, column {name}: empty")
         if pa.types.is_integer(col.type):
-            whole = col.to_numpy().astype(np.int64)
+            raw = col.to_numpy()
             unit = 10**spec.scale
+            # an unsigned value past int64 must not wrap into a small negative one
+            huge = (raw > 2**62 // unit) if raw.dtype.kind == "u" else np.zeros(
+                raw.shape, dtype=np.bool_)
+            whole = np.where(huge, 0, raw).astype(np.int64)
             # values too large to scale are out of bounds too; scaling them could wrap
-            too_large = (whole > 2**62 // unit) | (whole < -(2**62) // unit)
+            too_large = huge | (whole > 2**62 // unit) | (whole < -(2**62) // unit)
             scaled = np.where(too_large, 0, whole) * unit
             bad = np.flatnonzero(too_large | out_of_bounds(spec, scaled))
             if bad.size:
                 r = int(bad[0])
-                raise DataFileError(f"{path}: row {r + 1}, column {name}: {whole[r]} is outside "
+                raise DataFileError(f"{path}: row {r + 1}, column {name}: {raw[r]} is outside "
                                     f"[{spec.format(spec.min)}, {spec.format(spec.max)}]")
             values[:, j] = scaled
             continue

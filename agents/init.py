@@ -27,12 +27,15 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _party_keys(directory: Path, name: str, kem: KemKind) -> str:
-    """Write `keys/<name>.key` (mode 600); return the party's [parties] entry."""
+    """Write `keys/<name>/<name>.key` (mode 600); return the party's [parties] entry.
+
+    Each party's secrets are in a directory of their own, to be handed to that party alone:
+    the consortium key (institutions only) is never beside the coordinator's key."""
     signing_seed = os.urandom(32)
     kem_private = os.urandom(32 if kem is KemKind.X25519 else 96)
     _, _, kem_pub = kem_keys(kem, kem_private)
     kem_name = "x25519" if kem is KemKind.X25519 else "mlkem768-x25519"
-    _write_private(directory / "keys" / f"{name}.key",
+    _write_private(directory / "keys" / name / f"{name}.key",
                    f'kem = "{kem_name}"\nsigning_seed = "{signing_seed.hex()}"\n'
                    f'kem_private = "{kem_private.hex()}"\nsecret = "{os.urandom(32).hex()}"\n')
     sign_pub = ed25519.Ed25519PrivateKey.from_private_bytes(signing_seed).public_key()
@@ -73,7 +76,15 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
     names = [f"bank-{i}" for i in range(1, institutions + 1)]
     parts = [f'[consortium]\nid = "{consortium}"\nbootstrap = "{bootstrap}"\n'
              'coordinator = "coordinator"\n',
-             "[policy]\nmin_participants = 2\ndeadline_s = 120\nmin_holders = 1\n"]
+             "[policy]\n"
+             "# The consortium's floors: the coordinator and every institution enforce them,\n"
+             "# and a request may only raise them.\n"
+             "allow_subsets = false       # true: a round may leave institutions out\n"
+             "min_participants = 0        # with subsets: the fewest institutions (0: all)\n"
+             "min_holders = 1             # rows held by fewer institutions are withheld\n"
+             "max_query = 10000000        # customers in one query, at most\n"
+             "difference_window = 10000   # rounds remembered against differencing\n"
+             "deadline_s = 120\n"]
     for a in attributes:
         parts.append(f'[[attributes]]\nname = "{a.name}"\nscale = {a.scale}\n'
                      f'min = "{a.format(a.min)}"\nmax = "{a.format(a.max)}"\n')
@@ -83,7 +94,7 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
     universe = max(customers * 2, 10)
     for name in names:
         parts.append(_party_keys(directory, name, kem))
-        _write_private(directory / "keys" / f"{name}.consortium.key", f'key = "{ckey}"\n')
+        _write_private(directory / "keys" / name / "consortium.key", f'key = "{ckey}"\n')
         data = directory / "data" / f"{name}.csv"
         data.parent.mkdir(exist_ok=True)
         with open(data, "w") as fh:
@@ -95,13 +106,13 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
         + "\n".join(parts))
     configs = [directory / "coordinator.toml"]
     configs[0].write_text('party = "coordinator"\nconsortium = "consortium.toml"\n'
-                          'private_key = "keys/coordinator.key"\n'
+                          'private_key = "keys/coordinator/coordinator.key"\n'
                           'state_dir = "state/coordinator"\nlog_format = "text"\n')
     for name in names:
         p = directory / f"{name}.toml"
         p.write_text(f'party = "{name}"\nconsortium = "consortium.toml"\n'
-                     f'private_key = "keys/{name}.key"\n'
-                     f'consortium_key = "keys/{name}.consortium.key"\n'
+                     f'private_key = "keys/{name}/{name}.key"\n'
+                     f'consortium_key = "keys/{name}/consortium.key"\n'
                      f'data = "data/{name}.csv"\nstate_dir = "state/{name}"\n'
                      'log_format = "text"\n')
         configs.append(p)

@@ -3,8 +3,14 @@
 Each envelope extends the sender's hash chain, so a crash between sealing and producing must
 not make the restarted agent reuse a sequence number. `outbox.log` is append-only:
 
+    I <offset> -              the E records after it were caused by inbox inputs up to offset
     E <topic> <envelope>      staged: fsync'ed before the envelope is produced
     A <next_seq> <prev>       acknowledged: every E before it is on the bus
+
+`staged_through()` is the last inbox offset whose outputs were staged: after a crash, inputs up
+to it are replayed with their outputs suppressed and the journaled envelopes themselves are
+sent again if the bus lacks them, so a receiver sees the very same bytes, never a second copy
+sealed anew.
 
 `stage` appends E records and fsyncs (one fsync per batch); `done` appends an A record without
 fsync: losing it in a crash only means the restarted agent checks the bus for envelopes that
@@ -24,7 +30,7 @@ from protocol.envelope import Chain, Header, digest
 from protocol.errors import ZerosumError
 
 COMPACT_BYTES = 64 * 1024 * 1024
-_E, _A = b"E", b"A"
+_E, _A, _I = b"E", b"A", b"I"
 
 
 class Outbox:
@@ -43,7 +49,7 @@ class Outbox:
             kind = data[pos:pos + 1]
             alen, blen = struct.unpack_from(">II", data, pos + 1)
             end = pos + 9 + alen + blen
-            if end > len(data) or kind not in (_E, _A):
+            if end > len(data) or kind not in (_E, _A, _I):
                 break  # a torn last record: it was never acknowledged
             out.append((kind, data[pos + 9:pos + 9 + alen], data[pos + 9 + alen:end]))
             pos = end
@@ -56,7 +62,7 @@ class Outbox:
             if kind == _A:
                 chain = Chain(int(a), b)
                 pending = []
-            else:
+            elif kind == _E:
                 pending.append((a.decode(), b))
         for _, wire in pending:
             h = _header(wire)
@@ -68,6 +74,14 @@ class Outbox:
         """The chain head: after the last staged envelope if any, else the last acknowledged."""
         return self._tail()[0]
 
+    def staged_through(self) -> int:
+        """The last inbox offset whose outputs were staged, or -1."""
+        last = -1
+        for kind, a, _ in self._records():
+            if kind == _I:
+                last = max(last, int(a))
+        return last
+
     def pending(self) -> list[tuple[str, bytes]]:
         """(topic, envelope) staged but not known to be acknowledged, in order."""
         return self._tail()[1]
@@ -76,9 +90,12 @@ class Outbox:
     def _record(kind: bytes, a: bytes, b: bytes) -> bytes:
         return kind + struct.pack(">II", len(a), len(b)) + a + b
 
-    def stage(self, items: list[tuple[str, bytes]]) -> None:
+    def stage(self, items: list[tuple[str, bytes]], through: int | None = None) -> None:
+        """Journal envelopes (fsync) before they are produced; `through`: the last inbox
+        offset among the inputs that caused them."""
+        head = b"" if through is None else self._record(_I, str(through).encode(), b"")
         with open(self.log_path, "ab") as fh:
-            fh.write(b"".join(self._record(_E, t.encode(), w) for t, w in items))
+            fh.write(head + b"".join(self._record(_E, t.encode(), w) for t, w in items))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -92,8 +109,11 @@ class Outbox:
             with open(self.log_path, "ab") as fh:
                 fh.write(record)
             return
+        through = self.staged_through()
         tmp = self.log_path.with_suffix(".tmp")
         with open(tmp, "wb") as fh:
+            if through >= 0:
+                fh.write(self._record(_I, str(through).encode(), b""))
             fh.write(record)
             fh.flush()
             os.fsync(fh.fileno())

@@ -112,9 +112,12 @@ def request_round(cfg: PartyConfig, query: Path, *, scope: Scope, out: Path | No
     c = cfg.consortium
     parts = participants or c.institutions
     timeout = timeout_s or c.policy.deadline_s
-    rid = spool_request(cfg, tokens, participants=parts, scope=scope,
-                        min_holders=c.policy.min_holders if min_holders is None
-                        else min_holders, timeout_s=timeout)
+    holders = c.policy.min_holders if min_holders is None else min_holders
+    # the coordinator and every institution enforce the policy; say so before asking
+    if problem := c.round_policy().problem(parts, holders, tokens.size):
+        raise RoundFailed(f"the consortium's policy ({c.path}) refuses this round: {problem}")
+    rid = spool_request(cfg, tokens, participants=parts, scope=scope, min_holders=holders,
+                        timeout_s=timeout)
     spool = cfg.state_dir / "requests"
     result_path = cfg.state_dir / "results" / f"{rid.hex()}.json"
     t0 = time.monotonic()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protocol.codec import decode
-from protocol.envelope import Header, PrivateParty, PublicParty, open_sealed, verify
+from protocol.envelope import Header, PrivateParty, PublicParty, open_sealed, unpad, verify
 from protocol.errors import AbortReason, TotalOutOfRange, ZerosumError
 from protocol.fixedpoint import AttributeSpec, decode_totals
 from protocol.messages import (
@@ -326,7 +326,7 @@ class Auditor:
         if len(m.chunks) != m.parts:
             return None
         try:
-            msg = decode(b"".join(m.chunks[i] for i in range(m.parts)))
+            msg = decode(unpad(b"".join(m.chunks[i] for i in range(m.parts))))
         except ZerosumError as exc:
             r.findings.append(Finding(m.location, "decode", str(exc)))
             return None

@@ -9,6 +9,7 @@ subclass; nothing else escapes `decode`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import typing
 from enum import Enum
 from typing import Any
@@ -28,18 +29,25 @@ from protocol.errors import (
 )
 from protocol.fixedpoint import AttributeSpec
 from protocol.messages import (
+    DIGEST_BYTES,
+    MAX_ATTRIBUTES,
+    MAX_DETAIL,
+    MAX_QUERY,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    SIGNATURE_BYTES,
     FieldKind,
+    MaskAssignment,
     Message,
     MessageKind,
 )
-from protocol.tokens import TOKEN_BYTES, TOKEN_DTYPE
+from protocol.tokens import TOKEN_BYTES, TOKEN_DTYPE, Tokens, tokens_to_bytes
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_STR = 64 * 1024
 MAX_LIST = 4096
 MAX_MAP = 64
+MAX_TUPLE = 256  # participants, attributes, culprits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +127,13 @@ def _decode_value(kind: FieldKind | type, value: Any, path: str, max_bytes: int)
             raise WrongType("expected [rows, cols, bytes]", path=path)
         rows, cols = _int(value[0], path + ".rows"), _int(value[1], path + ".cols")
         _need(value[2], bytes, path + ".data", "bytes")
-        if rows < 0 or cols < 0 or rows * cols * 8 != len(value[2]):
+        # every dimension is bounded before anything is computed from it
+        if not 0 <= rows <= MAX_QUERY:
+            raise InvalidField(f"{rows} rows is not in 0..{MAX_QUERY}", path=path + ".rows")
+        if not 0 <= cols <= MAX_ATTRIBUTES + 1:
+            raise InvalidField(f"{cols} columns is not in 0..{MAX_ATTRIBUTES + 1}",
+                               path=path + ".cols")
+        if rows * cols * 8 != len(value[2]):
             raise InvalidField(f"{len(value[2])} bytes do not hold {rows} x {cols} uint64",
                                path=path)
         return np.frombuffer(value[2], dtype="<u8").astype(np.uint64, copy=False).reshape(
@@ -134,11 +148,19 @@ def _decode_value(kind: FieldKind | type, value: Any, path: str, max_bytes: int)
         if len(value) % 8:
             raise InvalidField(f"{len(value)} bytes is not a whole number of uint64", path=path)
         return np.frombuffer(value, dtype="<u8").astype(np.uint64, copy=False)
+    if kind in (FieldKind.DIGEST, FieldKind.SIGNATURE):
+        _need(value, bytes, path, "bytes")
+        size = DIGEST_BYTES if kind is FieldKind.DIGEST else SIGNATURE_BYTES
+        if len(value) != size:
+            raise InvalidField(f"{len(value)} bytes, expected {size}", path=path)
+        return value
     if kind in (FieldKind.ROUND_ID, FieldKind.SEED, FieldKind.BITMAP, bytes):
         _need(value, bytes, path, "bytes")
         return value
     if kind is AttributeSpec:
         _need(value, list, path, "a list of [name, scale, min, max]")
+        if len(value) > MAX_ATTRIBUTES:
+            raise InvalidField(f"at most {MAX_ATTRIBUTES} attributes", path=path)
         specs = []
         for i, item in enumerate(value):
             p = f"{path}[{i}]"
@@ -171,6 +193,8 @@ def _decode_value(kind: FieldKind | type, value: Any, path: str, max_bytes: int)
 
 def _decode_tuple_of_str(value: Any, path: str) -> tuple[str, ...]:
     _need(value, list, path, "a list of strings")
+    if len(value) > MAX_TUPLE:
+        raise InvalidField(f"at most {MAX_TUPLE} items", path=path)
     for i, item in enumerate(value):
         _need(item, str, f"{path}[{i}]", "a string")
     return tuple(value)
@@ -217,11 +241,51 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
         if f.name not in body:
             raise MissingField(f"missing from {cls.__name__}", path=f.name)
         raw = body[f.name]
-        if f.many and f.kind is str:
-            kwargs[f.name] = _decode_tuple_of_str(raw, f.name)
-        else:
-            kwargs[f.name] = _decode_value(f.kind, raw, f.name, max_bytes)
+        try:
+            if f.many and f.kind is str:
+                kwargs[f.name] = _decode_tuple_of_str(raw, f.name)
+            else:
+                kwargs[f.name] = _decode_value(f.kind, raw, f.name, max_bytes)
+        except CodecError:
+            raise
+        except Exception as exc:  # last resort: whatever a hostile value breaks is typed
+            raise InvalidField(f"{type(exc).__name__}: {exc}", path=f.name) from exc
     try:
         return cls(**kwargs)
-    except ValueError as exc:
-        raise InvalidField(str(exc), path=cls.__name__) from exc
+    except Exception as exc:  # ValueError by design; anything else is still the sender's fault
+        raise InvalidField(str(exc)[:MAX_DETAIL], path=cls.__name__) from exc
+
+
+def digest_of(label: str, *parts: bytes) -> bytes:
+    """SHA-256 over a label and length-prefixed parts: distinct inputs never collide."""
+    h = hashlib.sha256(b"zerosum-v1 " + label.encode() + b"\x00")
+    for p in parts:
+        h.update(len(p).to_bytes(8, "big"))
+        h.update(p)
+    return h.digest()
+
+
+def query_digest(query: Tokens) -> bytes:
+    return digest_of("query", tokens_to_bytes(query))
+
+
+def rows_digest(salt: bytes, tokens: Tokens) -> bytes:
+    """H(salt || I): binds a round's rows without telling the coordinator which they are."""
+    return digest_of("rows", salt, tokens_to_bytes(tokens))
+
+
+def assignment_digest(a: MaskAssignment) -> bytes:
+    """The digest of everything in an assignment but the mask and the attestation: the same
+    for every participant of the round, and different for any two rounds that differ at all."""
+    core = dataclasses.replace(a, mask=np.zeros_like(a.mask), attestation=bytes(SIGNATURE_BYTES))
+    return digest_of("assignment", encode(core))
+
+
+def attestation_statement(round_id: bytes, assignment: bytes) -> bytes:
+    """What the coordinator signs: this is the round's assignment."""
+    return digest_of("attestation", round_id, assignment)
+
+
+def endorsement_statement(round_id: bytes, assignment: bytes, rows: bytes) -> bytes:
+    """What the leader signs: these are the round's rows (by their salted digest)."""
+    return digest_of("endorsement", round_id, assignment, rows)

@@ -11,14 +11,22 @@ aborts. A round ends exactly once: in PUBLISHED or in ABORTED.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from enum import Enum, auto
 from typing import ClassVar
 
 import numpy as np
 
+from protocol.codec import (
+    assignment_digest,
+    attestation_statement,
+    digest_of,
+    encode,
+    endorsement_statement,
+    query_digest,
+)
 from protocol.errors import AbortReason, TotalOutOfRange
-from protocol.fixedpoint import AttributeSpec, decode_totals
+from protocol.fixedpoint import decode_totals
 from protocol.machine import (
     Deadline,
     Ended,
@@ -31,6 +39,7 @@ from protocol.machine import (
     _Buffer,
 )
 from protocol.messages import (
+    SIGNATURE_BYTES,
     Contribution,
     CoordinatorShare,
     LeaderQuery,
@@ -41,6 +50,7 @@ from protocol.messages import (
     Scope,
     pack_bitmap,
 )
+from protocol.policy import ConsortiumPolicy, DifferencingGuard, Signer
 from protocol.ring import (
     U64,
     derive_seed,
@@ -58,14 +68,7 @@ class CoordinatorState(Enum):
     ABORTED = auto()
 
 
-@dataclass(frozen=True)
-class CoordinatorPolicy:
-    """The coordinator's configuration: known institutions, attribute specs, limits."""
-
-    institutions: frozenset[str]
-    attributes: dict[str, AttributeSpec]
-    min_participants: int = 2
-    max_query: int = 10_000_000
+CoordinatorPolicy = ConsortiumPolicy  # the coordinator holds the consortium's policy
 
 
 class CoordinatorRound(RoundMachine):
@@ -73,12 +76,16 @@ class CoordinatorRound(RoundMachine):
         {CoordinatorState.PUBLISHED, CoordinatorState.ABORTED})
     ABORTED: ClassVar[CoordinatorState] = CoordinatorState.ABORTED
 
-    def __init__(self, round_id: bytes, *, secret: bytes, policy: CoordinatorPolicy) -> None:
+    def __init__(self, round_id: bytes, *, secret: bytes, policy: ConsortiumPolicy,
+                 signer: Signer, guard: DifferencingGuard | None = None) -> None:
         super().__init__(round_id, CoordinatorState.AWAIT_REQUEST)
         self._secret = secret
         self.policy = policy
+        self.signer = signer
+        self.guard = guard
         self.request: RoundRequest | None = None
         self.assignment: MaskAssignment | None = None
+        self.digest = b""  # the assignment's digest: what every share must carry
         self.masks: U64 | None = None  # row i is the mask of participants[i]
         self.share: CoordinatorShare | None = None
         self.contributions: dict[str, Contribution] = {}
@@ -92,6 +99,9 @@ class CoordinatorRound(RoundMachine):
     @property
     def leader(self) -> str:
         return self.assignment.leader if self.assignment else ""
+
+    def may_send(self, sender: str) -> bool:
+        return self.assignment is None or sender in self.assignment.participants
 
     def missing(self) -> tuple[str, ...]:
         """Participants whose message the round still waits for."""
@@ -119,92 +129,131 @@ class CoordinatorRound(RoundMachine):
         problem = ""
         if sender != req.requester:
             problem = f"{sender} sent a request in the name of {req.requester}"
-        elif unknown := [p for p in req.participants if p not in pol.institutions]:
-            problem = f"participant {unknown[0]!r} is not an institution of this consortium"
         elif missing := [a for a in req.attributes if a not in pol.attributes]:
             problem = f"attribute {missing[0]!r} is not configured"
-        elif req.query.size > pol.max_query:
-            problem = f"query of {req.query.size} customers exceeds {pol.max_query}"
         if problem:
             return self.abort(AbortReason.BAD_REQUEST, problem, (sender,))
+        if problem := pol.problem(req.participants, req.min_holders, req.query.size):
+            return self.abort(AbortReason.POLICY, problem, (sender,))
+        if self.guard is not None and pol.allow_subsets and (
+                problem := self.guard.problem(req.participants)):
+            return self.abort(AbortReason.DIFFERENCING, problem, (sender,))
         n = len(req.participants)
         specs = tuple(pol.attributes[a] for a in req.attributes)
-        if n < pol.min_participants:
-            return self.abort(AbortReason.BELOW_THRESHOLD,
-                              f"{n} participants; the policy needs {pol.min_participants}")
         if too := [s.name for s in specs if n > s.max_participants()]:
             return self.abort(AbortReason.BAD_REQUEST,
-                              f"{n} participants could overflow the bounds of {too[0]}")
+                              f"{n} participants could overflow the bounds of {too[0]}",
+                              (sender,))
+        # the leader: uniform among the participants, from a digest of the whole request
+        request_digest = digest_of("request", encode(req))
+        leader = req.participants[
+            uniform_below(derive_seed(self._secret, "leader", request_digest), n, 1)[0]]
         width = 1 + len(specs)
-        masks = zero_sum_masks(derive_seed(self._secret, "masks", self.round_id), n, width)
-        order = permutation(derive_seed(self._secret, "order", self.round_id), n)
+        core = MaskAssignment(self.round_id, req.requester, req.participants, leader, specs,
+                              req.scope, req.min_holders, req.deadline_ms, int(req.query.size),
+                              query_digest(req.query), np.zeros(width, dtype=np.uint64),
+                              bytes(SIGNATURE_BYTES))
+        digest = assignment_digest(core)
+        attestation = self.signer.sign(attestation_statement(self.round_id, digest))
+        masks = zero_sum_masks(derive_seed(self._secret, "masks", digest), n, width)
+        order = permutation(derive_seed(self._secret, "order", digest), n)
         masks = masks[order]  # assigned to the participants in random order (claim 4)
-        leader = req.leader or req.participants[
-            uniform_below(derive_seed(self._secret, "leader", self.round_id), n, 1)[0]]
+        if self.guard is not None:
+            self.guard.record(req.participants)
         self.request = req
         self.masks = masks
+        self.digest = digest
         self._notify = req.participants
         out: list[Output] = []
         for i, p in enumerate(req.participants):
-            a = MaskAssignment(self.round_id, req.requester, req.participants, leader, specs,
-                               req.scope, req.min_holders, req.deadline_ms, masks[i].copy())
+            a = replace(core, mask=masks[i].copy(), attestation=attestation)
             if p == leader:
                 self.assignment = a
             out.append(Send(p, a))
         assert self.assignment is not None
-        out.append(Send(leader, LeaderQuery(self.round_id, req.query)))
+        out.append(Send(leader, LeaderQuery(self.round_id, digest, req.query)))
         out.append(SetTimer(self.round_id, req.deadline_ms))
         self.state = CoordinatorState.COLLECTING
         return out
 
+    def _shape_problem(self, who: str, m: U64, rows: int | None = None) -> str:
+        a = self.assignment
+        assert a is not None
+        if m.shape[1] != a.width:
+            return f"{who}'s matrix has {m.shape[1]} columns, not {a.width}"
+        if rows is not None:
+            return "" if m.shape[0] == rows else (
+                f"{who}'s matrix has {m.shape[0]} rows; the leader's share has {rows}")
+        if (m.shape[0] != a.query_size) if a.scope is Scope.QUERY else (
+                m.shape[0] > a.query_size):
+            return f"{who}'s matrix has {m.shape[0]} rows for a query of {a.query_size}"
+        return ""
+
     def _on_share(self, sender: str, msg: CoordinatorShare) -> list[Output]:
         if sender != self.leader:
             return self.invalid(sender, msg)
+        if msg.assignment != self.digest:
+            return self.abort(AbortReason.INCONSISTENT,
+                              f"{sender}'s share was computed on another assignment", (sender,))
+        if problem := self._shape_problem(sender, msg.share):
+            return self.abort(AbortReason.INVALID_SHAPE, problem, (sender,))
         self.share = msg
         return self._maybe_finish()
 
     def _on_contribution(self, sender: str, msg: Contribution) -> list[Output]:
-        if sender not in self.participants or sender == self.leader:
+        if sender == self.leader:
             return self.invalid(sender, msg)
+        if msg.assignment != self.digest:
+            return self.abort(AbortReason.INCONSISTENT,
+                              f"{sender}'s contribution was computed on another assignment",
+                              (sender,))
+        if not self.signer.verify(self.leader, msg.endorsement, endorsement_statement(
+                self.round_id, self.digest, msg.rows_digest)):
+            return self.abort(AbortReason.INCONSISTENT,
+                              f"{sender}'s contribution carries no valid endorsement of its "
+                              f"rows by {self.leader}", (sender,))
+        if problem := self._shape_problem(sender, msg.values):
+            return self.abort(AbortReason.INVALID_SHAPE, problem, (sender,))
         self.contributions[sender] = msg
         return self._maybe_finish()
 
     def _on_refusal(self, sender: str, msg: RoundAbort) -> list[Output]:
-        if sender not in self.participants:
-            return self.invalid(sender, msg)
-        return self.abort(msg.reason, f"{sender} refused the round: {msg.detail}", (sender,))
+        """A participant refuses. The culprits are its claim (the participants it names, or
+        itself), and the detail says who made it."""
+        named = tuple(c for c in msg.culprits if c in self.participants)
+        return self.abort(msg.reason, f"{sender} refused the round: {msg.detail}",
+                          named or (sender,))
 
     def _on_deadline(self, sender: str, _: Deadline) -> list[Output]:
         missing = self.missing()
+        # without the leader's share nobody else could contribute: the leader is to blame
+        culprits = (self.leader,) if self.share is None else missing
         return self.abort(AbortReason.TIMEOUT,
-                          "no answer by the deadline from " + ", ".join(missing), missing)
+                          "no answer by the deadline from " + ", ".join(missing), culprits)
 
     def _maybe_finish(self) -> list[Output]:
         if self.missing():
             return []
-        a, req, share = self.assignment, self.request, self.share
+        a, share = self.assignment, self.share
         assert a is not None
-        assert req is not None
         assert share is not None
         rows = share.share.shape[0]
-        if share.share.shape[1] != a.width:
-            return self.abort(AbortReason.INVALID_SHAPE,
-                              f"{a.leader}'s share has {share.share.shape[1]} columns, "
-                              f"not {a.width}", (a.leader,))
-        if (rows != req.query.size) if a.scope is Scope.QUERY else (rows > req.query.size):
-            return self.abort(AbortReason.INVALID_SHAPE,
-                              f"{a.leader}'s share has {rows} rows for a query of "
-                              f"{req.query.size} ({a.scope})", (a.leader,))
-        for p, c in self.contributions.items():
-            if c.values.shape != (rows, a.width):
-                return self.abort(AbortReason.INVALID_SHAPE,
-                                  f"{p}'s contribution is {c.values.shape}, expected "
-                                  f"{(rows, a.width)}", (p,))
+        for p in a.participants:
+            c = self.contributions.get(p)
+            if c is None:
+                continue
+            if c.rows_digest != share.rows_digest:
+                # the endorsement verified: the leader signed two different sets of rows
+                return self.abort(AbortReason.INCONSISTENT,
+                                  f"{a.leader} gave {p} other rows than it shared with the "
+                                  "coordinator (two endorsed row digests)", (a.leader,))
+            if problem := self._shape_problem(p, c.values, rows):
+                return self.abort(AbortReason.INVALID_SHAPE, problem, (p,))
         total = sum_matrices([share.share, *(self.contributions[p].values
                                              for p in a.participants if p != a.leader)])
         try:
             decoded = decode_totals(total, a.attributes, len(a.participants))
-        except TotalOutOfRange as exc:
+        except TotalOutOfRange as exc:  # masked values: nobody can be named
             return self.abort(AbortReason.TOTAL_OUT_OF_RANGE, str(exc))
         holders = decoded[:, 0]
         if a.scope is Scope.INTERSECTION and rows and int(holders.min()) < 1:
@@ -229,4 +278,5 @@ class CoordinatorRound(RoundMachine):
     }
 
 
-__all__ = ["CoordinatorPolicy", "CoordinatorRound", "CoordinatorState", "Ended", "Published"]
+__all__ = ["ConsortiumPolicy", "CoordinatorPolicy", "CoordinatorRound", "CoordinatorState",
+           "Ended", "Published"]

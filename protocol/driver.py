@@ -11,12 +11,13 @@ import hashlib
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
-from protocol.coordinator import CoordinatorPolicy
 from protocol.envelope import KemKind, PrivateParty, PublicParty, kem_keys, private_party
 from protocol.fixedpoint import AttributeSpec
 from protocol.machine import Ended, Outcome, Published, SetTimer
 from protocol.party import CoordinatorParty, Event, InstitutionParty, Outgoing, Rejected
+from protocol.policy import ConsortiumPolicy
 from protocol.tokens import LocalTable
 
 COORDINATOR = "coordinator"
@@ -118,16 +119,17 @@ class Network:
 
 def build_network(tables: dict[str, LocalTable], specs: tuple[AttributeSpec, ...], *,
                   seed: bytes = b"zerosum-test", kem: KemKind = KemKind.X25519,
-                  rng: random.Random | None = None) -> Network:
-    """A coordinator and one institution per table, keys derived from `seed`."""
+                  rng: random.Random | None = None, **policy: Any) -> Network:
+    """A coordinator and one institution per table, keys derived from `seed`; `policy`
+    fields (allow_subsets, min_holders, ...) for every party's copy of the policy."""
     names = [COORDINATOR, *tables]
     keys = {n: keys_for(n, seed, kem) for n in names}
     registry = {n: pub for n, (_, pub) in keys.items()}
     attrs = {s.name: s for s in specs}
-    coordinator = CoordinatorParty(keys[COORDINATOR][0], registry, CONSORTIUM,
-                                   CoordinatorPolicy(frozenset(tables), attrs))
+    pol = ConsortiumPolicy(frozenset(tables), attrs, **policy)
+    coordinator = CoordinatorParty(keys[COORDINATOR][0], registry, CONSORTIUM, pol)
     institutions = {
         n: InstitutionParty(keys[n][0], registry, CONSORTIUM, coordinator=COORDINATOR,
-                            table=t, attributes=attrs)
+                            table=t, policy=pol)
         for n, t in tables.items()}
     return Network(coordinator, institutions, rng=rng or random.Random(0))

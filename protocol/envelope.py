@@ -12,6 +12,10 @@ auditor can check. A body over `CHUNK_BYTES` travels as `parts` envelopes with c
 it is reassembled only when every part has arrived and each was authentic.
 
 HPKE: X25519 or ML-KEM-768+X25519 KEM, HKDF-SHA256, AES-256-GCM, from `cryptography`.
+
+Padding: a body is sealed as `pad(body)`: an 8-byte length, the body and zeros up to the next
+size bucket (`padded_size`: 256 bytes, then four buckets per doubling, at most 19% overhead), so
+the broker sees message sizes only coarsely.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from protocol.errors import (
     EquivocationError,
     MalformedMessage,
     MessageTooLarge,
+    QuotaExceeded,
     ReplayedEnvelope,
     UnknownSender,
     UnsupportedVersion,
@@ -57,6 +62,9 @@ MAX_ENVELOPE_BYTES = 1024 * 1024
 MAX_PARTS = 1024
 SEQ_WINDOW = 65536  # how far back an unseen sequence number is still accepted (reordering)
 ZERO_HASH = bytes(32)
+MIN_PADDED = 256
+PARTIAL_EXPIRY_SEQ = 4096  # a chunked message not complete this many envelopes later is dropped
+MAX_PARTIALS_PER_SENDER = 4
 _SEAL_INFO = b"zerosum-v1 seal\x00"
 _SIGN_CTX = b"zerosum-v1 sign\x00"
 
@@ -194,9 +202,39 @@ class Chain:
     prev: bytes = ZERO_HASH
 
 
+def padded_size(n: int) -> int:
+    """The bucket a body of n bytes (plus its 8-byte length) is padded to: 256 bytes, or the
+    smallest of 2^k, 1.25*2^k, 1.5*2^k, 1.75*2^k that holds it."""
+    need = n + 8
+    if need <= MIN_PADDED:
+        return MIN_PADDED
+    k = need.bit_length() - 1
+    for quarter in (4, 5, 6, 7, 8):
+        size = (quarter << k) // 4
+        if size >= need:
+            return size
+    raise AssertionError("unreachable")
+
+
+def pad(body: bytes) -> bytes:
+    size = padded_size(len(body))
+    return len(body).to_bytes(8, "big") + body + bytes(size - 8 - len(body))
+
+
+def unpad(data: bytes) -> bytes:
+    """The body inside a padded plaintext; MalformedMessage if the length does not fit."""
+    if len(data) < 8:
+        raise MalformedMessage("a padded body has at least 8 bytes")
+    n = int.from_bytes(data[:8], "big")
+    if n > len(data) - 8 or any(data[8 + n:]):
+        raise MalformedMessage("the padding of a body is not well formed")
+    return data[8:8 + n]
+
+
 def seal(body: bytes, *, sender: PrivateParty, recipient: PublicParty, consortium: str,
          round_id: bytes, kind: MessageKind, chain: Chain) -> list[bytes]:
-    """Seal and sign a message body into one or more envelopes; advances `chain`."""
+    """Seal and sign a message body (padded) into one or more envelopes; advances `chain`."""
+    body = pad(body)
     chunks = [body[i:i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)] or [b""]
     if len(chunks) > MAX_PARTS:
         raise MessageTooLarge(f"{len(body)} bytes needs more than {MAX_PARTS} parts")
@@ -296,7 +334,7 @@ class Inbox:
         self.max_body_bytes = max_body_bytes
         self._senders: dict[str, _SenderState] = {}
         self._parts: dict[tuple[str, int], dict[int, tuple[Header, bytes]]] = {}
-        self._buffered = 0
+        self._buffered: dict[str, int] = {}  # bytes of unfinished messages, per sender
 
     def receive(self, wire: bytes) -> Delivery | None:
         """One envelope in; a Delivery when it completes a message, None while parts are due.
@@ -312,7 +350,7 @@ class Inbox:
         self._check_sequence(h, v)
         chunk = open_sealed(self.me, v)
         if h.parts == 1:
-            return Delivery(h.sender, h.round_id, h.kind, chunk, h.seq)
+            return Delivery(h.sender, h.round_id, h.kind, unpad(chunk), h.seq)
         return self._reassemble(h, chunk)
 
     def _check_sequence(self, h: Header, v: Verified) -> None:
@@ -341,25 +379,56 @@ class Inbox:
             st.seen.popitem(last=False)
 
     def _reassemble(self, h: Header, chunk: bytes) -> Delivery | None:
+        """Collect the parts of a chunked message. Each sender has a quota: at most
+        `MAX_PARTIALS_PER_SENDER` unfinished messages and `max_body_bytes` buffered, and an
+        unfinished message expires once the sender is `PARTIAL_EXPIRY_SEQ` envelopes past it."""
         first = h.seq - h.part
         key = (h.sender, first)
-        parts = self._parts.setdefault(key, {})
+        self._expire(h.sender, h.seq)
+        parts = self._parts.get(key)
+        if parts is None:
+            open_here = sum(1 for s, _ in self._parts if s == h.sender)
+            if open_here >= MAX_PARTIALS_PER_SENDER:
+                raise QuotaExceeded(f"{h.sender!r} has {open_here} unfinished chunked "
+                                    "messages already", sender=h.sender)
+            parts = self._parts[key] = {}
         if parts:
             h0 = next(iter(parts.values()))[0]
             if (h0.round_id, h0.kind, h0.parts) != (h.round_id, h.kind, h.parts):
                 raise ChunkError(f"part {h.part} of message {first} from {h.sender!r} does not "
                                  "match its other parts", sender=h.sender)
-        if self._buffered + len(chunk) > self.max_body_bytes:
-            raise MessageTooLarge(f"buffered parts would exceed {self.max_body_bytes} bytes",
-                                  sender=h.sender)
+        held = self._buffered.get(h.sender, 0)
+        if held + len(chunk) > self.max_body_bytes + 4096:
+            self._drop(key)
+            raise MessageTooLarge(f"buffered parts of {h.sender!r} would exceed "
+                                f"{self.max_body_bytes} bytes", sender=h.sender)
         parts[h.part] = (h, chunk)
-        self._buffered += len(chunk)
+        self._buffered[h.sender] = held + len(chunk)
         if len(parts) < h.parts:
             return None
-        del self._parts[key]
-        body = b"".join(parts[i][1] for i in range(h.parts))
-        self._buffered -= len(body)
+        self._drop(key)
+        body = unpad(b"".join(parts[i][1] for i in range(h.parts)))
         return Delivery(h.sender, h.round_id, h.kind, body, first)
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        parts = self._parts.pop(key, {})
+        sender = key[0]
+        left = self._buffered.get(sender, 0) - sum(len(c) for _, c in parts.values())
+        if left > 0:
+            self._buffered[sender] = left
+        else:
+            self._buffered.pop(sender, None)
+
+    def _expire(self, sender: str, seq: int) -> None:
+        stale = [k for k, parts in self._parts.items() if k[0] == sender and (
+                 not parts or
+                 k[1] + next(iter(parts.values()))[0].parts + PARTIAL_EXPIRY_SEQ < seq)]
+        for k in stale:
+            self._drop(k)
+
+    def unfinished(self) -> int:
+        """Bytes held for unfinished chunked messages, all senders together."""
+        return sum(self._buffered.values())
 
 
 def private_party(party_id: str, *, signing_seed: bytes, kem: KemKind, kem_private: bytes,

@@ -25,6 +25,9 @@ class AbortReason(IntEnum):
     REFUSED = 10
     MALFORMED = 11
     TOTAL_OUT_OF_RANGE = 12
+    POLICY = 13  # the round breaks the consortium's policy (floors, subsets)
+    INCONSISTENT = 14  # a message computed on another assignment or other rows than the round's
+    DIFFERENCING = 15  # two published totals could differ by one institution's values alone
 
 
 class ZerosumError(Exception):
@@ -164,7 +167,26 @@ class DuplicateRound(RoundError):
 
 
 class NotAParticipant(RoundError):
+    """A message about a round from a party that has no part in it: dropped, never an abort."""
+
     reason = AbortReason.UNEXPECTED_MESSAGE
+
+
+class ReplayedRound(RoundError):
+    """A round id this party has already used: round ids are unique forever."""
+
+    reason = AbortReason.WRONG_ROUND
+
+
+class HandlingFailed(RemoteProtocolError):
+    """Last resort: handling an input raised something no check foresaw. The input is
+    rejected and counted like any other; the party carries on."""
+
+    reason = AbortReason.MALFORMED
+
+
+class QuotaExceeded(EnvelopeError):
+    """A sender has more unfinished chunked messages or buffered bytes than its quota."""
 
 
 class UnexpectedMessage(RoundError):

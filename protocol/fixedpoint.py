@@ -1,16 +1,17 @@
 """Fixed-point attributes: exact decimals with a declared scale and bounds, as int64 in Z_2^64.
 
 An attribute value v with scale s is the integer round-free v * 10^s; a file value with more
-than s decimals is an error, never rounded. Per institution a value lies in [min, max]; with n
-institutions a total lies in [n*min, n*max], and `n * max(|min|, |max|) < 2^63` is required, so
-an honest total never wraps. A total outside that range is reported, never returned wrapped.
+than s decimals is an error, never rounded. Per institution a value lies in [min, max]; a row
+held by h of n institutions totals within [h*min, h*max], and `n * max(|min|, |max|) < 2^63` is
+required, so an honest total never wraps. A total outside that range is reported, never
+returned wrapped.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, Inexact, InvalidOperation, localcontext
 
 import numpy as np
 from numpy.typing import NDArray
@@ -19,6 +20,7 @@ from protocol.errors import TotalOutOfRange, ValueRangeError
 
 HOLDERS = "holders"
 MAX_SCALE = 18
+MAX_DECIMAL_CHARS = 64
 INT64_MAX = (1 << 63) - 1
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -56,13 +58,24 @@ class AttributeSpec:
 
 def parse_decimal(text: str, scale: int) -> int:
     """'12.34' at scale 2 -> 1234. Exact: more decimals than `scale` is an error."""
+    if len(text) > MAX_DECIMAL_CHARS:
+        raise ValueRangeError(f"a number of {len(text)} characters is too long")
     try:
         d = Decimal(text.strip())
     except InvalidOperation as exc:
         raise ValueRangeError(f"not a decimal number: {text!r}") from exc
     if not d.is_finite():
         raise ValueRangeError(f"not a finite number: {text!r}")
-    scaled = d.scaleb(scale)
+    if d and d.adjusted() > 40:  # far beyond any int64 bound: refuse before scaling
+        raise ValueRangeError(f"{text!r} is out of range")
+    # exact: the default context (28 digits) would round a longer number silently
+    with localcontext() as ctx:
+        ctx.prec = MAX_DECIMAL_CHARS + MAX_SCALE + 2
+        ctx.traps[Inexact] = True
+        try:
+            scaled = d.scaleb(scale)
+        except Inexact as exc:
+            raise ValueRangeError(f"{text!r} cannot be represented exactly") from exc
     if scaled != scaled.to_integral_value():
         raise ValueRangeError(f"{text!r} has more than {scale} decimal places")
     return int(scaled)
@@ -105,10 +118,12 @@ def encode_columns(values: NDArray[np.int64]) -> NDArray[np.uint64]:
 
 def decode_totals(totals: NDArray[np.uint64], specs: tuple[AttributeSpec, ...],
                   n: int) -> NDArray[np.int64]:
-    """Published totals (holders first, then `specs`) back to signed integers, checked.
+    """Published totals (holders first, then `specs`) back to signed integers, checked per row.
 
-    Raises TotalOutOfRange when a holders count is not in [0, n] or an attribute total is not in
-    [n*min, n*max]: such a number can only come from a wrapped or tampered sum.
+    A row with h holders (0 <= h <= n) must total within [h*min, h*max] for every attribute:
+    non-holders contribute 0, so bounds that exclude 0 are no problem. Raises TotalOutOfRange
+    otherwise: such a number can only come from a wrapped or tampered sum, or a member that
+    sent values outside the bounds.
     """
     if totals.ndim != 2 or totals.shape[1] != 1 + len(specs):
         raise TotalOutOfRange(f"totals have shape {totals.shape}, expected (*, {1 + len(specs)})")
@@ -116,11 +131,16 @@ def decode_totals(totals: NDArray[np.uint64], specs: tuple[AttributeSpec, ...],
     holders = totals[:, 0]
     if holders.size and int(holders.max()) > n:
         raise TotalOutOfRange(f"{HOLDERS}: a count exceeds the {n} participants")
+    h = holders.astype(np.int64)
     for j, spec in enumerate(specs, start=1):
         if n > spec.max_participants():
             raise TotalOutOfRange(f"{spec.name}: {n} participants could overflow its bounds")
         col = signed[:, j]
-        if col.size and (int(col.min()) < n * spec.min or int(col.max()) > n * spec.max):
-            raise TotalOutOfRange(f"{spec.name}: a total lies outside "
-                                  f"[{spec.format(n * spec.min)}, {spec.format(n * spec.max)}]")
+        # h <= n and n * max(|min|, |max|) < 2^63: these products never wrap
+        bad = np.flatnonzero((col < h * spec.min) | (col > h * spec.max))
+        if bad.size:
+            r = int(bad[0])
+            raise TotalOutOfRange(
+                f"{spec.name}: row {r} with {int(h[r])} holders totals outside "
+                f"[{spec.format(int(h[r]) * spec.min)}, {spec.format(int(h[r]) * spec.max)}]")
     return np.array(signed, dtype=np.int64, copy=True)

@@ -17,6 +17,13 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import ClassVar
 
+from protocol.codec import (
+    assignment_digest,
+    attestation_statement,
+    endorsement_statement,
+    query_digest,
+    rows_digest,
+)
 from protocol.errors import AbortReason, DataError, TotalOutOfRange
 from protocol.fixedpoint import AttributeSpec, decode_totals
 from protocol.machine import (
@@ -40,6 +47,7 @@ from protocol.messages import (
     RoundResult,
     Scope,
 )
+from protocol.policy import ConsortiumPolicy, DifferencingGuard, Signer
 from protocol.ring import add_mask, coordinator_share, derive_seed, prg_matrix
 from protocol.tokens import LocalTable, Tokens
 
@@ -57,14 +65,21 @@ class InstitutionState(Enum):
 
 @dataclass(frozen=True)
 class InstitutionContext:
-    """What an institution brings to every round: identity, secret, data snapshot, specs."""
+    """What an institution brings to every round: identity, secret, keys, data snapshot, and
+    its own copy of the consortium's policy (checked against every assignment)."""
 
     me: str
     coordinator: str
     secret: bytes
     table: LocalTable
-    attributes: dict[str, AttributeSpec]
+    policy: ConsortiumPolicy
+    signer: Signer
+    guard: DifferencingGuard | None = None
     grace_ms: int = DEFAULT_GRACE_MS
+
+    @property
+    def attributes(self) -> dict[str, AttributeSpec]:
+        return self.policy.attributes
 
 
 class InstitutionRound(RoundMachine):
@@ -76,13 +91,19 @@ class InstitutionRound(RoundMachine):
         super().__init__(round_id, InstitutionState.AWAIT_ASSIGNMENT)
         self.ctx = ctx
         self.assignment: MaskAssignment | None = None
+        self.digest = b""  # the assignment's digest
         self.tokens: Tokens | None = None  # tokens of I, in row order
+
+    def may_send(self, sender: str) -> bool:
+        a = self.assignment
+        return sender == self.ctx.coordinator or a is None or sender in a.participants
 
     def abort(self, reason: AbortReason, detail: str,
               culprits: tuple[str, ...] = ()) -> list[Output]:
-        """Abort here; tell the coordinator unless the abort came from it or from the clock."""
+        """Abort here and tell the coordinator (its own aborts end in `_on_abort`, timeouts
+        are its to declare)."""
         out: list[Output] = []
-        if reason is not AbortReason.TIMEOUT and self.ctx.coordinator not in culprits:
+        if reason is not AbortReason.TIMEOUT:
             out.append(Send(self.ctx.coordinator,
                             self.abort_message(self.round_id, reason, detail, culprits)))
         return out + super().abort(reason, detail, culprits)
@@ -90,8 +111,10 @@ class InstitutionRound(RoundMachine):
     def release(self) -> None:
         self.tokens = None
 
-    def _refuse(self, detail: str) -> list[Output]:
-        return self.abort(AbortReason.REFUSED, f"{self.ctx.me}: {detail}", (self.ctx.me,))
+    def _refuse(self, detail: str, reason: AbortReason = AbortReason.REFUSED,
+                culprits: tuple[str, ...] | None = None) -> list[Output]:
+        return self.abort(reason, f"{self.ctx.me}: {detail}",
+                          (self.ctx.me,) if culprits is None else culprits)
 
     # -- handlers ------------------------------------------------------------------------
     def _on_assignment(self, sender: str, a: MaskAssignment) -> list[Output]:
@@ -99,6 +122,19 @@ class InstitutionRound(RoundMachine):
         if sender != ctx.coordinator or ctx.me not in a.participants:
             return self.invalid(sender, a)
         self.assignment = a
+        self.digest = assignment_digest(a)
+        coord = (ctx.coordinator,)
+        if not ctx.signer.verify(ctx.coordinator, a.attestation,
+                                 attestation_statement(self.round_id, self.digest)):
+            return self._refuse("the assignment's attestation does not verify",
+                                AbortReason.INCONSISTENT, coord)
+        # the consortium's floors, checked against this institution's own copy
+        if problem := ctx.policy.problem(a.participants, a.min_holders, a.query_size):
+            return self._refuse(problem, AbortReason.POLICY, (a.requester, ctx.coordinator))
+        if ctx.guard is not None and ctx.policy.allow_subsets and (
+                problem := ctx.guard.problem(a.participants)):
+            return self._refuse(problem, AbortReason.DIFFERENCING,
+                                (a.requester, ctx.coordinator))
         for spec in a.attributes:
             mine = ctx.attributes.get(spec.name)
             if mine != spec:
@@ -106,6 +142,8 @@ class InstitutionRound(RoundMachine):
                                     f"configuration ({mine} here, {spec} in the round)")
             if spec.name not in ctx.table.columns:
                 return self._refuse(f"the local data has no column {spec.name!r}")
+        if ctx.guard is not None:
+            ctx.guard.record(a.participants)
         self.state = (InstitutionState.AWAIT_QUERY if a.leader == ctx.me
                       else InstitutionState.AWAIT_SHARE)
         return [SetTimer(self.round_id, a.deadline_ms + ctx.grace_ms)]
@@ -119,6 +157,10 @@ class InstitutionRound(RoundMachine):
         assert a is not None
         if sender != ctx.coordinator:
             return self.invalid(sender, q)
+        if q.assignment != self.digest or q.query.size != a.query_size or \
+                query_digest(q.query) != a.query_digest:
+            return self._refuse("the query does not match the round's assignment",
+                                AbortReason.INCONSISTENT, (ctx.coordinator,))
         if a.scope is Scope.INTERSECTION:
             found, _ = ctx.table.locate(q.query)
             tokens = q.query[found]
@@ -129,14 +171,20 @@ class InstitutionRound(RoundMachine):
         except DataError as exc:
             return self._refuse(str(exc))
         others = [p for p in a.participants if p != ctx.me]
-        seeds = [derive_seed(ctx.secret, "share", self.round_id, a.participants.index(p))
+        # every seed of the round is derived from the digest of its whole assignment
+        seeds = [derive_seed(ctx.secret, "share", self.digest, a.participants.index(p))
                  for p in others]
+        salt = derive_seed(ctx.secret, "salt", self.digest)
+        rows = rows_digest(salt, tokens)
+        endorsement = ctx.signer.sign(endorsement_statement(self.round_id, self.digest, rows))
         e_s = coordinator_share(add_mask(values, a.mask), seeds)
         self.tokens = tokens
         self.state = InstitutionState.AWAIT_RESULT
-        out: list[Output] = [Send(p, LeaderShare(self.round_id, tokens, s))
-                             for p, s in zip(others, seeds, strict=True)]
-        out.append(Send(ctx.coordinator, CoordinatorShare(self.round_id, e_s)))
+        out: list[Output] = [
+            Send(p, LeaderShare(self.round_id, self.digest, a.attestation, salt, endorsement,
+                                tokens, s))
+            for p, s in zip(others, seeds, strict=True)]
+        out.append(Send(ctx.coordinator, CoordinatorShare(self.round_id, self.digest, rows, e_s)))
         return out
 
     def _on_share(self, sender: str, s: LeaderShare) -> list[Output]:
@@ -144,15 +192,34 @@ class InstitutionRound(RoundMachine):
         assert a is not None
         if sender != a.leader:
             return self.invalid(sender, s)
+        if not ctx.signer.verify(ctx.coordinator, s.attestation,
+                                 attestation_statement(self.round_id, s.assignment)):
+            return self._refuse(f"{sender} forwarded an attestation that does not verify",
+                                AbortReason.INCONSISTENT, (sender,))
+        if s.assignment != self.digest:
+            # the coordinator signed two different assignments for this round
+            return self._refuse(f"{ctx.coordinator} attested two different assignments",
+                                AbortReason.INCONSISTENT, (ctx.coordinator,))
+        rows = rows_digest(s.salt, s.tokens)
+        if not ctx.signer.verify(sender, s.endorsement,
+                                 endorsement_statement(self.round_id, self.digest, rows)):
+            return self._refuse(f"{sender}'s endorsement of its rows does not verify",
+                                AbortReason.INCONSISTENT, (sender,))
+        n_rows = s.tokens.size
+        if (n_rows != a.query_size) if a.scope is Scope.QUERY else (n_rows > a.query_size):
+            return self._refuse(f"{sender} shared {n_rows} rows for a query of "
+                                f"{a.query_size} ({a.scope})", AbortReason.INVALID_SHAPE,
+                                (sender,))
         try:
             x = ctx.table.aligned(s.tokens, self._names())
         except DataError as exc:
             return self._refuse(str(exc))
         y = add_mask(x, a.mask)
-        y += prg_matrix(s.seed, s.tokens.size, a.width)  # Y_j = E_j + X_j + m_j
+        y += prg_matrix(s.seed, n_rows, a.width)  # Y_j = E_j + X_j + m_j
         self.tokens = s.tokens
         self.state = InstitutionState.AWAIT_RESULT
-        return [Send(ctx.coordinator, Contribution(self.round_id, y))]
+        return [Send(ctx.coordinator, Contribution(self.round_id, self.digest, rows,
+                                                   s.endorsement, y))]
 
     def _on_result(self, sender: str, r: RoundResult) -> list[Output]:
         a, tokens = self.assignment, self.tokens

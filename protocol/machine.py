@@ -4,9 +4,11 @@ table-driven `handle` loop.
 A machine's `TABLE` maps (state, input type) to a handler or to `BUFFER` (the input is early:
 keep it and feed it again after the next transition). A pair with no entry is invalid: in a
 running round it aborts the round with `UNEXPECTED_MESSAGE`; in an ended round it raises
-`RoundClosed`. Before the table is consulted, a message equal in content to one already taken
-from the same sender is dropped, and a different one of the same kind aborts the round with
-`EQUIVOCATION`, both kept in `evidence`.
+`RoundClosed`. A message from a party that has no part in the round raises `NotAParticipant`
+(the party drops and logs it: a stranger never aborts somebody else's round). Before the table
+is consulted, a message equal in content to one already taken from the same sender is dropped,
+and a different one of the same kind aborts the round with `EQUIVOCATION`, both kept in
+`evidence`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from protocol.codec import encode
-from protocol.errors import AbortReason, RoundClosed
+from protocol.errors import AbortReason, NotAParticipant, RoundClosed
 from protocol.fixedpoint import AttributeSpec
 from protocol.messages import Message, MessageKind, RoundAbort
 from protocol.tokens import Tokens
@@ -113,13 +115,21 @@ class RoundMachine:
         self._seen: dict[tuple[str, MessageKind], bytes] = {}
         self._messages: dict[tuple[str, MessageKind], Message] = {}
         self._pending: list[tuple[str, Input]] = []
+        self.dropped: list[str] = []  # senders of buffered inputs dropped as strangers
 
     def has_seen(self, sender: str, kind: MessageKind) -> bool:
         return (sender, kind) in self._seen
 
+    def may_send(self, sender: str) -> bool:
+        """Whether `sender` has a part in this round (subclasses know who)."""
+        return True
+
     def handle(self, sender: str, inp: Input) -> list[Output]:
         """Feed one input from `sender` (the authenticated envelope sender, or "" for timers)."""
         digest = b""
+        if isinstance(inp, Message) and not self.may_send(sender):
+            raise NotAParticipant(f"{type(inp).__name__} from {sender}, who has no part in "
+                                  f"round {self.round_id.hex()}", sender=sender)
         if isinstance(inp, Message):
             key = (sender, inp.KIND)
             digest = hashlib.sha256(encode(inp)).digest()
@@ -157,7 +167,9 @@ class RoundMachine:
                 if entry is BUFFER:
                     continue
                 del self._pending[i]
-                if entry is None:
+                if sender and not self.may_send(sender):
+                    self.dropped.append(sender)  # early, and from a stranger: never an abort
+                elif entry is None:
                     out += self.invalid(sender, inp)
                 else:
                     out += entry(self, sender, inp)

@@ -44,6 +44,8 @@ class FieldKind(Enum):
     MATRIX = "matrix"
     VECTOR = "vector"
     BITMAP = "bitmap"
+    DIGEST = "digest"
+    SIGNATURE = "signature"
 
 
 RoundId = Annotated[bytes, FieldKind.ROUND_ID]
@@ -52,6 +54,11 @@ TokenList = Annotated[Tokens, FieldKind.TOKENS]
 Matrix = Annotated[U64, FieldKind.MATRIX]
 Vector = Annotated[U64, FieldKind.VECTOR]
 Bitmap = Annotated[bytes, FieldKind.BITMAP]
+Digest = Annotated[bytes, FieldKind.DIGEST]
+Signature = Annotated[bytes, FieldKind.SIGNATURE]
+DIGEST_BYTES = 32
+SIGNATURE_BYTES = 64
+MAX_QUERY = 16_000_000  # a hard ceiling; the consortium's policy sets the real limit
 
 
 class MessageKind(IntEnum):
@@ -69,8 +76,10 @@ class MessageKind(IntEnum):
 
 class Scope(StrEnum):
     """`intersection`: the patent's reading, rows are the query customers the leader holds.
-    `query`: every query customer is a row (zero where the leader holds none), so nobody learns
-    which customers the leader holds."""
+    `query`: every query customer is a row (zero where the leader holds none), so the other
+    institutions do not learn which query customers the leader holds from the tokens. The
+    published `holders` column still tells every participant how many institutions hold each
+    row (with two participants, exactly who)."""
 
     INTERSECTION = "intersection"
     QUERY = "query"
@@ -108,6 +117,16 @@ def _check_min_holders(min_holders: int, n: int) -> None:
         raise ValueError(f"min_holders {min_holders} is not in 0..{n}")
 
 
+def _check_bytes(value: bytes, size: int, what: str) -> None:
+    if len(value) != size:
+        raise ValueError(f"{what} has {len(value)} bytes, expected {size}")
+
+
+def _check_deadline(deadline_ms: int) -> None:
+    if not 0 < deadline_ms < 1 << 53:
+        raise ValueError("deadline_ms must be a positive epoch time in milliseconds")
+
+
 def _check_matrix(m: U64, what: str) -> None:
     if m.dtype != np.uint64 or m.ndim != 2:
         raise ValueError(f"{what}: expected a 2-d uint64 matrix")
@@ -133,27 +152,33 @@ class RoundRequest(Message):
     scope: Scope
     min_holders: int
     deadline_ms: int
-    leader: str  # "" lets the coordinator choose at random
-    query: TokenList
+    query: TokenList  # the coordinator picks the leader at random: no request names it
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_participants(self.participants)
         if self.requester not in self.participants:
             raise ValueError(f"requester {self.requester!r} is not among the participants")
-        if self.leader and self.leader not in self.participants:
-            raise ValueError(f"leader {self.leader!r} is not among the participants")
         if len(self.attributes) > MAX_ATTRIBUTES or len(set(self.attributes)) != len(
                 self.attributes):
             raise ValueError("attributes: at most 64, each once")
         _check_min_holders(self.min_holders, len(self.participants))
-        if self.deadline_ms <= 0:
-            raise ValueError("deadline_ms must be a positive epoch time in milliseconds")
+        _check_deadline(self.deadline_ms)
+        if self.query.size > MAX_QUERY:
+            raise ValueError(f"query: at most {MAX_QUERY} tokens")
         _check_tokens(self.query, "query")
 
 
 @dataclass(frozen=True, eq=False)
 class MaskAssignment(Message):
+    """The round's parameters, the same for every participant, and this participant's mask.
+
+    `digest()` (codec.assignment_digest) covers every field but `mask` and `attestation`: it
+    names the round's whole assignment, every seed and mask of the round is derived from it,
+    and every share and contribution carries it. `attestation` is the coordinator's signature
+    over that digest, which the leader forwards so that the others can prove equivocation.
+    """
+
     KIND: ClassVar[MessageKind] = MessageKind.MASK_ASSIGNMENT
     requester: str
     participants: tuple[str, ...]
@@ -162,7 +187,10 @@ class MaskAssignment(Message):
     scope: Scope
     min_holders: int
     deadline_ms: int
+    query_size: int
+    query_digest: Digest
     mask: Vector
+    attestation: Signature
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,11 +198,18 @@ class MaskAssignment(Message):
         for who, name in (("leader", self.leader), ("requester", self.requester)):
             if name not in self.participants:
                 raise ValueError(f"{who} {name!r} is not among the participants")
+        if len(self.attributes) > MAX_ATTRIBUTES:
+            raise ValueError(f"attributes: at most {MAX_ATTRIBUTES}")
         if len({a.name for a in self.attributes}) != len(self.attributes):
             raise ValueError("attributes: each at most once")
         if self.mask.dtype != np.uint64 or self.mask.shape != (1 + len(self.attributes),):
             raise ValueError(f"mask: expected {1 + len(self.attributes)} uint64 values")
         _check_min_holders(self.min_holders, len(self.participants))
+        _check_deadline(self.deadline_ms)
+        if not 0 <= self.query_size <= MAX_QUERY:
+            raise ValueError(f"query_size {self.query_size} is not in 0..{MAX_QUERY}")
+        _check_bytes(self.query_digest, DIGEST_BYTES, "query_digest")
+        _check_bytes(self.attestation, SIGNATURE_BYTES, "attestation")
 
     @property
     def width(self) -> int:
@@ -185,43 +220,76 @@ class MaskAssignment(Message):
 @dataclass(frozen=True, eq=False)
 class LeaderQuery(Message):
     KIND: ClassVar[MessageKind] = MessageKind.LEADER_QUERY
+    assignment: Digest
     query: TokenList
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_bytes(self.assignment, DIGEST_BYTES, "assignment")
+        if self.query.size > MAX_QUERY:
+            raise ValueError(f"query: at most {MAX_QUERY} tokens")
         _check_tokens(self.query, "query")
 
 
 @dataclass(frozen=True, eq=False)
 class LeaderShare(Message):
+    """The leader's share for one institution: the tokens of I, a seed, and what binds them.
+
+    `attestation` is the coordinator's signature over `assignment` (forwarded from the leader's
+    MaskAssignment); `endorsement` is the leader's signature over (round, assignment, rows
+    digest), where the rows digest is H(salt || tokens) and `salt` is never shown to the
+    coordinator (which knows Q and could otherwise test guesses of I against it)."""
+
     KIND: ClassVar[MessageKind] = MessageKind.LEADER_SHARE
+    assignment: Digest
+    attestation: Signature
+    salt: Seed
+    endorsement: Signature
     tokens: TokenList
     seed: Seed
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_bytes(self.assignment, DIGEST_BYTES, "assignment")
+        _check_bytes(self.attestation, SIGNATURE_BYTES, "attestation")
+        _check_bytes(self.salt, SEED_BYTES, "salt")
+        _check_bytes(self.endorsement, SIGNATURE_BYTES, "endorsement")
+        if self.tokens.size > MAX_QUERY:
+            raise ValueError(f"tokens: at most {MAX_QUERY}")
         _check_tokens(self.tokens, "tokens")
-        if len(self.seed) != SEED_BYTES:
-            raise ValueError(f"seed has {len(self.seed)} bytes, expected {SEED_BYTES}")
+        _check_bytes(self.seed, SEED_BYTES, "seed")
 
 
 @dataclass(frozen=True, eq=False)
 class CoordinatorShare(Message):
     KIND: ClassVar[MessageKind] = MessageKind.COORDINATOR_SHARE
+    assignment: Digest
+    rows_digest: Digest
     share: Matrix
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_bytes(self.assignment, DIGEST_BYTES, "assignment")
+        _check_bytes(self.rows_digest, DIGEST_BYTES, "rows_digest")
         _check_matrix(self.share, "share")
 
 
 @dataclass(frozen=True, eq=False)
 class Contribution(Message):
+    """Y_j, with the assignment and rows digest it was computed on and the leader's
+    endorsement of that rows digest (so the coordinator can tell who sent a different I)."""
+
     KIND: ClassVar[MessageKind] = MessageKind.CONTRIBUTION
+    assignment: Digest
+    rows_digest: Digest
+    endorsement: Signature
     values: Matrix
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_bytes(self.assignment, DIGEST_BYTES, "assignment")
+        _check_bytes(self.rows_digest, DIGEST_BYTES, "rows_digest")
+        _check_bytes(self.endorsement, SIGNATURE_BYTES, "endorsement")
         _check_matrix(self.values, "values")
 
 
@@ -237,6 +305,8 @@ class RoundResult(Message):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_matrix(self.totals, "totals")
+        if self.rows > MAX_QUERY:
+            raise ValueError(f"rows: at most {MAX_QUERY}")
         if self.rows < 0 or len(self.kept) != (self.rows + 7) // 8:
             raise ValueError(f"kept: expected {(self.rows + 7) // 8} bytes for {self.rows} rows")
         bits = np.unpackbits(np.frombuffer(self.kept, dtype=np.uint8), bitorder="little")
@@ -261,6 +331,8 @@ class RoundAbort(Message):
         super().__post_init__()
         if len(self.detail) > MAX_DETAIL:
             raise ValueError(f"detail: at most {MAX_DETAIL} characters")
+        if len(self.culprits) > MAX_PARTICIPANTS:
+            raise ValueError(f"culprits: at most {MAX_PARTICIPANTS}")
         for c in self.culprits:
             check_party(c, "culprit")
 

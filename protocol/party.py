@@ -3,30 +3,74 @@
 `CoordinatorParty` and `InstitutionParty` own the party's `Inbox` (verify, order, decrypt,
 reassemble), its outgoing hash `Chain`, and one round machine per round id. They never raise on
 input: whatever is wrong with an envelope or message comes back as a `Rejected` event carrying
-the typed error, so an agent logs it and carries on.
+the typed error (a last-resort guard turns anything unforeseen into `HandlingFailed`), so an
+agent logs it, counts it and carries on.
+
+Round ids are unique forever: `ledger` maps every round id this party ever opened to the inbox
+position of the input that opened it (`RoundOpened` tells the agent to persist it). Opening a
+known id again is refused (`ReplayedRound`) unless it is the very same input replayed from the
+same position, which is how an agent rebuilds its state after a restart.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
 
 from protocol.codec import DEFAULT_MAX_BYTES, decode, encode
 from protocol.coordinator import CoordinatorPolicy, CoordinatorRound
 from protocol.envelope import Chain, Delivery, Inbox, PrivateParty, PublicParty, seal
 from protocol.errors import (
     DuplicateRound,
+    HandlingFailed,
     MalformedMessage,
+    NotAParticipant,
+    QuotaExceeded,
+    ReplayedRound,
     UnknownRound,
     ZerosumError,
 )
-from protocol.fixedpoint import AttributeSpec
 from protocol.institution import InstitutionContext, InstitutionRound
 from protocol.machine import Deadline, Output, RoundMachine, Send
 from protocol.messages import Message, RoundAbort, RoundRequest, RoundResult, Scope
+from protocol.policy import ConsortiumPolicy, DifferencingGuard
 from protocol.tokens import LocalTable, Tokens
 
-MAX_ROUNDS_KEPT = 100_000
+MAX_ROUNDS_KEPT = 100_000  # machines kept in memory; the ledger keeps every id forever
+MAX_EARLY_PER_SENDER = 64  # peers' messages kept until the coordinator opens their round
+NO_POSITION = -1
+
+
+class Keyring:
+    """Signs with this party's key and verifies with the registry's (`policy.Signer`)."""
+
+    def __init__(self, me: PrivateParty, registry: dict[str, PublicParty]) -> None:
+        self._me = me
+        self._registry = registry
+
+    def sign(self, statement: bytes) -> bytes:
+        return self._me.signing_key.sign(statement)
+
+    def verify(self, party: str, signature: bytes, statement: bytes) -> bool:
+        peer = self._registry.get(party)
+        if peer is None:
+            return False
+        try:
+            peer.signing_key.verify(signature, statement)
+        except InvalidSignature:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class RoundOpened:
+    """A new round id entered the ledger at inbox `position`: persist it before the outputs
+    of the same input are sent."""
+
+    round_id: bytes
+    position: int
 
 
 @dataclass(frozen=True)
@@ -46,7 +90,7 @@ class Rejected:
     error: ZerosumError
 
 
-Event = Output | Outgoing | Rejected
+Event = Output | Outgoing | Rejected | RoundOpened
 
 
 class _Party:
@@ -58,24 +102,48 @@ class _Party:
         self.chain = chain or Chain()
         self.max_body_bytes = max_body_bytes
         self.inbox = Inbox(me, registry, consortium, max_body_bytes=max_body_bytes)
+        self.keyring = Keyring(me, registry)
         self.rounds: OrderedDict[bytes, RoundMachine] = OrderedDict()
+        self.ledger: dict[bytes, int] = {}
+        self.sealing = True  # False while an agent replays inputs whose outputs were sent
+        self._position = NO_POSITION
+        self._opened: list[RoundOpened] = []
 
     # -- in --------------------------------------------------------------------------------
-    def receive(self, wire: bytes) -> list[Event]:
-        """One envelope from the bus. Never raises for anything a peer could have sent."""
+    def receive(self, wire: bytes, position: int = NO_POSITION) -> list[Event]:
+        """One envelope from the bus, read at inbox `position` (when there is one).
+
+        Never raises for anything a peer could have sent: every error is a `Rejected` event.
+        """
+        self._position = position
+        self._opened = []
         try:
-            delivery = self.inbox.receive(wire)
-        except ZerosumError as exc:
-            return [Rejected(exc)]
-        if delivery is None:
-            return []
-        if delivery.sender == self.me.party_id:
-            return []  # our own receipt of a round's end (see CoordinatorParty._finish)
-        try:
-            msg = self._decode(delivery)
-            return self._finish(self._route(delivery.sender, msg))
-        except ZerosumError as exc:
-            return [Rejected(exc)]
+            try:
+                delivery = self.inbox.receive(wire)
+                if delivery is None or delivery.sender == self.me.party_id:
+                    return []  # parts still due, or our own receipt of a round's end
+                msg = self._decode(delivery)
+                outputs = self._route(delivery.sender, msg)
+            except ZerosumError as exc:
+                return [*self._opened, Rejected(exc)]
+            except Exception as exc:  # last resort: an input never stops the party
+                return [*self._opened, Rejected(HandlingFailed(
+                    f"{type(exc).__name__} while handling an input: {exc}"[:1024]))]
+            return [*self._opened, *self._finish(outputs)]
+        finally:
+            self._position = NO_POSITION
+
+    def _open(self, round_id: bytes, machine: RoundMachine, sender: str) -> RoundMachine:
+        """Enter a new round in the ledger, or refuse an id that was used before."""
+        known = self.ledger.get(round_id)
+        if known is not None and (known == NO_POSITION or known != self._position):
+            raise ReplayedRound(f"round id {round_id.hex()} was used before; round ids are "
+                                "unique forever", sender=sender)
+        if known is None:
+            self.ledger[round_id] = self._position
+            self._opened.append(RoundOpened(round_id, self._position))
+        self._remember(round_id, machine)
+        return machine
 
     def _decode(self, d: Delivery) -> Message:
         msg = decode(d.body, max_bytes=self.max_body_bytes)
@@ -106,8 +174,9 @@ class _Party:
         bodies: dict[int, bytes] = {}  # one encoding of a message sent to many (the result)
         for o in outputs:
             if isinstance(o, Send):
-                body = bodies.setdefault(id(o.message), encode(o.message))
-                events.append(self._seal(o, body))
+                if self.sealing:  # a replayed input's envelopes are on the bus already
+                    body = bodies.setdefault(id(o.message), encode(o.message))
+                    events.append(self._seal(o, body))
             else:
                 events.append(o)
         return events
@@ -131,6 +200,8 @@ class CoordinatorParty(_Party):
 
     def _finish(self, outputs: list[Output]) -> list[Event]:
         events = super()._finish(outputs)
+        if not self.sealing:
+            return events
         receipts: dict[bytes, Send] = {}
         for o in outputs:
             if isinstance(o, Send) and isinstance(o.message, RoundResult | RoundAbort):
@@ -142,13 +213,15 @@ class CoordinatorParty(_Party):
                  max_body_bytes: int = DEFAULT_MAX_BYTES) -> None:
         super().__init__(me, registry, consortium, chain=chain, max_body_bytes=max_body_bytes)
         self.policy = policy
+        self.guard = DifferencingGuard(policy.difference_window)
 
     def _route(self, sender: str, msg: Message) -> list[Output]:
         m = self.rounds.get(msg.round_id)
         if isinstance(msg, RoundRequest):
             if m is None:
-                m = CoordinatorRound(msg.round_id, secret=self.me.secret, policy=self.policy)
-                self._remember(msg.round_id, m)
+                m = self._open(msg.round_id, CoordinatorRound(
+                    msg.round_id, secret=self.me.secret, policy=self.policy,
+                    signer=self.keyring, guard=self.guard), sender)
             elif not m.has_seen(sender, msg.KIND):
                 # round ids are unique forever; only the request's own sender may repeat it
                 raise DuplicateRound(f"round {msg.round_id.hex()} exists already",
@@ -160,16 +233,22 @@ class CoordinatorParty(_Party):
 
 
 class InstitutionParty(_Party):
+    """An institution. A round opens only on a message from the coordinator; a peer's
+    message for a round not open yet (a leader's share can overtake the assignment) waits in
+    a small per-sender buffer."""
+
     def __init__(self, me: PrivateParty, registry: dict[str, PublicParty], consortium: str,
-                 *, coordinator: str, table: LocalTable,
-                 attributes: dict[str, AttributeSpec],
+                 *, coordinator: str, table: LocalTable, policy: ConsortiumPolicy,
                  chain: Chain | None = None, grace_ms: int = 5_000,
                  max_body_bytes: int = DEFAULT_MAX_BYTES) -> None:
         super().__init__(me, registry, consortium, chain=chain, max_body_bytes=max_body_bytes)
         self.coordinator = coordinator
-        self.attributes = attributes
+        self.policy = policy
+        self.attributes = policy.attributes
         self.grace_ms = grace_ms
+        self.guard = DifferencingGuard(policy.difference_window)
         self._table = table
+        self._early: dict[str, deque[tuple[bytes, Message]]] = {}
 
     @property
     def table(self) -> LocalTable:
@@ -181,22 +260,45 @@ class InstitutionParty(_Party):
 
     def _context(self) -> InstitutionContext:
         return InstitutionContext(self.me.party_id, self.coordinator, self.me.secret,
-                                  self._table, self.attributes, self.grace_ms)
+                                  self._table, self.policy, self.keyring, self.guard,
+                                  self.grace_ms)
 
     def _route(self, sender: str, msg: Message) -> list[Output]:
+        if isinstance(msg, RoundRequest):
+            raise UnknownRound("an institution does not take round requests", sender=sender)
         m = self.rounds.get(msg.round_id)
-        if m is None:
-            if isinstance(msg, RoundRequest):
-                raise UnknownRound("an institution does not take round requests",
-                                   sender=sender)
-            m = InstitutionRound(msg.round_id, self._context())
-            self._remember(msg.round_id, m)
-        return m.handle(sender, msg)
+        if m is not None:
+            return m.handle(sender, msg)
+        if sender != self.coordinator:
+            if sender not in self.policy.institutions:
+                raise NotAParticipant(f"{sender} is not an institution of the consortium",
+                                      sender=sender)
+            if msg.round_id in self.ledger:
+                raise ReplayedRound(f"{type(msg).__name__} for round {msg.round_id.hex()}, "
+                                    "which has ended here", sender=sender)
+            early = self._early.setdefault(sender, deque())
+            early.append((msg.round_id, msg))
+            if len(early) > MAX_EARLY_PER_SENDER:
+                rid, _ = early.popleft()
+                raise QuotaExceeded(f"{sender} has more than {MAX_EARLY_PER_SENDER} messages "
+                                    f"for rounds not open here; dropped one for {rid.hex()}",
+                                    sender=sender)
+            return []
+        m = self._open(msg.round_id, InstitutionRound(msg.round_id, self._context()), sender)
+        out = m.handle(sender, msg)
+        for peer, queue in self._early.items():
+            for item in [it for it in queue if it[0] == msg.round_id]:
+                queue.remove(item)
+                try:
+                    out += m.handle(peer, item[1])
+                except ZerosumError:
+                    m.dropped.append(peer)  # a stranger's early message: dropped
+        return out
 
     def request(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
                 attributes: tuple[str, ...], deadline_ms: int, scope: Scope = Scope.INTERSECTION,
-                min_holders: int = 1, leader: str = "") -> list[Event]:
+                min_holders: int = 1) -> list[Event]:
         """Ask the coordinator for a round (raises ValueError for an invalid request)."""
         req = RoundRequest(round_id, self.me.party_id, participants, attributes, scope,
-                           min_holders, deadline_ms, leader, query)
+                           min_holders, deadline_ms, query)
         return [self._seal(Send(self.coordinator, req))]

@@ -71,14 +71,14 @@ def expected(world: World, leader: str, scope: Scope,
 
 
 def run_round(world: World, *, requester: str, scope: Scope, min_holders: int,
-              leader: str = "", round_id: bytes | None = None) -> bytes:
+              round_id: bytes | None = None) -> bytes:
     rid = round_id or os.urandom(16)
     net = world.net
     participants = tuple(net.institutions)
     net.take(requester, net.institutions[requester].request(
         rid, world.tokens(world.query_ids), participants=participants,
         attributes=tuple(s.name for s in SPECS), deadline_ms=DEADLINE, scope=scope,
-        min_holders=min_holders, leader=leader))
+        min_holders=min_holders))
     net.run()
     return rid
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from protocol.coordinator import CoordinatorPolicy, CoordinatorRound
+from protocol.coordinator import CoordinatorRound
+from protocol.driver import keys_for
 from protocol.errors import AbortReason
 from protocol.institution import InstitutionContext, InstitutionRound
 from protocol.machine import Output, Send
@@ -22,6 +23,8 @@ from protocol.messages import (
     RoundResult,
     Scope,
 )
+from protocol.party import Keyring
+from protocol.policy import ConsortiumPolicy
 from protocol.ring import U64
 from protocol.tokens import LocalTable, tokenize
 from tests.helpers import KEY, SPECS
@@ -42,19 +45,37 @@ TABLES = {"bank-a": table(["x", "y", "z"]), "bank-b": table(["y", "z", "w"]),
           "bank-c": table(["z"])}
 
 
-def coordinator() -> CoordinatorRound:
-    return CoordinatorRound(RID, secret=b"c" * 32,
-                            policy=CoordinatorPolicy(frozenset(NAMES), ATTRS))
+POLICY = ConsortiumPolicy(frozenset(NAMES), ATTRS)
+KEYS = {n: keys_for(n, b"samples") for n in (COORD, *NAMES)}
+REGISTRY = {n: pub for n, (_, pub) in KEYS.items()}
 
 
-def institution(name: str) -> InstitutionRound:
+def keyring(name: str) -> Keyring:
+    return Keyring(KEYS[name][0], REGISTRY)
+
+
+def coordinator(policy: ConsortiumPolicy = POLICY) -> CoordinatorRound:
+    return CoordinatorRound(RID, secret=b"c" * 32, policy=policy, signer=keyring(COORD))
+
+
+def institution(name: str, policy: ConsortiumPolicy = POLICY) -> InstitutionRound:
     return InstitutionRound(RID, InstitutionContext(name, COORD, name.encode() * 8,
-                                                    TABLES[name], ATTRS))
+                                                    TABLES[name], policy, keyring(name)))
 
 
 def request() -> RoundRequest:
     return RoundRequest(RID, "bank-a", NAMES, ("balance", "overdue_days"), Scope.INTERSECTION,
-                        1, 10**13, "bank-b", tokenize(["x", "y", "z", "nobody"], KEY))
+                        1, 10**13, tokenize(["x", "y", "z", "nobody"], KEY))
+
+
+def attested(a: MaskAssignment) -> MaskAssignment:
+    """An assignment changed by a test, signed again as a (hostile) coordinator would."""
+    from protocol.codec import assignment_digest, attestation_statement
+    return replace(a, attestation=keyring(COORD).sign(
+        attestation_statement(a.round_id, assignment_digest(a))))
+
+
+LEADER = "bank-b"  # the leader the coordinator draws for request() with the secret above
 
 
 def sends(outputs: list[Output]) -> list[Send]:
@@ -76,6 +97,7 @@ def transcript() -> Transcript:
     out = sends(c.handle("bank-a", request()))
     assignments = {s.recipient: s.message for s in out if isinstance(s.message, MaskAssignment)}
     query = next(s.message for s in out if isinstance(s.message, LeaderQuery))
+    assert assignments["bank-a"].leader == LEADER
     leader = institution("bank-b")
     leader.handle(COORD, assignments["bank-b"])
     lout = sends(leader.handle(COORD, query))
@@ -129,3 +151,8 @@ def _bump(m: U64) -> U64:
     if out.size:
         out[0, 0] = 1
     return out
+
+
+def junk_contribution(rid: bytes) -> Contribution:
+    """A well-formed contribution that belongs to no round's assignment."""
+    return Contribution(rid, bytes(32), bytes(32), bytes(64), np.zeros((1, 3), dtype=np.uint64))

@@ -46,7 +46,7 @@ async def running(directory: Path, skip: tuple[str, ...] = ()) -> AsyncIterator[
 def check(outcome: Outcome | Ended | None, ids: list[str], directory: Path) -> int:
     """Every published row equals the plaintext sum; returns the number of rows."""
     assert isinstance(outcome, Outcome), outcome
-    key = bytes.fromhex((directory / "keys" / "bank-1.consortium.key").read_text()
+    key = bytes.fromhex((directory / "keys" / "bank-1" / "consortium.key").read_text()
                         .split('"')[1])
     tokens = tokenize(ids, key)
     by_token = {tokens_to_bytes(tokens[i:i + 1]): c for i, c in enumerate(ids)}
@@ -160,15 +160,18 @@ async def test_round_cli_prints_totals_and_reports_aborts(kafka_bootstrap: str,
             exp = want[normalise_id(r["customer_id"])]
             assert [Decimal(r["holders"]), Decimal(r["balance"]),
                     Decimal(r["overdue_days"])] == exp
-        proc = await asyncio.create_subprocess_exec(
-            str(exe), "round", "--config", str(d / "bank-1.toml"), "--query", str(q),
-            "--participants", "bank-1,bank-9", stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        async with asyncio.timeout(120):
-            _, stderr = await proc.communicate()
-        assert proc.returncode == 1
-        assert "BAD_REQUEST" in stderr.decode()
-        assert "bank-9" in stderr.decode()
+        # a stranger among the participants, and a subset where the policy allows none
+        for parts, reason in (("bank-1,bank-9", "'bank-9' is not an institution"),
+                              ("bank-1,bank-2", "subsets are not allowed")):
+            proc = await asyncio.create_subprocess_exec(
+                str(exe), "round", "--config", str(d / "bank-1.toml"), "--query", str(q),
+                "--participants", parts, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            async with asyncio.timeout(120):
+                _, stderr = await proc.communicate()
+            assert proc.returncode == 1
+            assert "policy" in stderr.decode()
+            assert reason in stderr.decode(), stderr.decode()
 
 
 async def test_restarting_an_institution_mid_stream(kafka_bootstrap: str,
@@ -230,16 +233,18 @@ async def test_a_round_of_200000_customers_by_4_attributes_chunked(
         out = await b1.submit(
             os.urandom(16), tokenize(ids, b1.cfg.consortium_key),
             participants=b1.cfg.consortium.institutions, attributes=names,
-            scope=Scope.QUERY, min_holders=0, timeout_s=300)
+            scope=Scope.QUERY, min_holders=1, timeout_s=300)
         sent = {n: a.stats.sent for n, a in agents.items()}
     assert isinstance(out, Outcome), out
-    assert out.tokens.size == 200_000
-    assert out.totals.shape == (200_000, 5)
+    # every query customer is a row; the consortium's floor (1 holder) withholds the unheld
+    assert out.tokens.size + out.withheld == 200_000
+    assert out.totals.shape == (out.tokens.size, 5)
+    assert out.withheld > 0
     # E_S alone is 200,000 x 5 x 8 bytes: it had to travel in chunks
     assert CHUNK_BYTES < 200_000 * 5 * 8
     assert max(sent.values()) > 8
     want = plaintext(d / "data", names)
-    key = bytes.fromhex((d / "keys" / "bank-1.consortium.key").read_text().split('"')[1])
+    key = bytes.fromhex((d / "keys" / "bank-1" / "consortium.key").read_text().split('"')[1])
     tokens = tokenize(ids, key)
     row_of = {tokens_to_bytes(tokens[i:i + 1]): i for i in range(len(ids))}
     zero = [Decimal(0)] * 5

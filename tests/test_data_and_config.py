@@ -55,15 +55,21 @@ def test_init_writes_a_consortium_that_loads(tmp_path: Path) -> None:
     cfg = load_party(tmp_path / "c" / "bank-2.toml")
     assert cfg.consortium.institutions == ("bank-1", "bank-2", "bank-3")
     assert cfg.topic == f"zerosum.{cfg.consortium.id}.bank-2"
-    for key in (tmp_path / "c" / "keys").iterdir():
+    for key in (tmp_path / "c" / "keys").rglob("*"):
         assert key.stat().st_mode & 0o077 == 0, key
+    # each party's secrets in a directory of its own: no consortium key beside the
+    # coordinator's key
+    assert sorted(p.name for p in (tmp_path / "c" / "keys" / "coordinator").iterdir()) == [
+        "coordinator.key"]
+    assert sorted(p.name for p in (tmp_path / "c" / "keys" / "bank-1").iterdir()) == [
+        "bank-1.key", "consortium.key"]
     with pytest.raises(FileExistsError):
         init_consortium(tmp_path / "c", institutions=3, customers=20, bootstrap="x")
 
 
 def test_a_readable_key_file_is_refused(tmp_path: Path) -> None:
     init_consortium(tmp_path, institutions=2, customers=5, bootstrap="127.0.0.1:1")
-    (tmp_path / "keys" / "bank-1.key").chmod(0o644)
+    (tmp_path / "keys" / "bank-1" / "bank-1.key").chmod(0o644)
     with pytest.raises(ConfigError, match="readable only by its owner"):
         load_party(tmp_path / "bank-1.toml")
 

@@ -18,10 +18,11 @@ from protocol.driver import keys_for
 from protocol.envelope import Chain, Header, seal
 from protocol.errors import AbortReason
 from protocol.machine import Ended, Outcome
-from protocol.messages import Contribution, MessageKind, Scope
+from protocol.messages import MessageKind, Scope
 from protocol.party import InstitutionParty
 from protocol.tokens import LocalTable, tokenize
 from tests.kafka_util import produce
+from tests.samples import junk_contribution
 from tests.soak import COUNTERS
 from tests.test_agents_kafka import ATTRS, check, make_consortium, query_ids, running
 
@@ -63,7 +64,7 @@ async def test_hostile_envelopes_are_rejected_typed_and_agents_keep_running(
         def sealed(sender: object, recipient: str, chain: Chain,
                    rid: bytes | None = None) -> bytes:
             rid = rid or os.urandom(16)
-            body = encode(Contribution(rid, np.zeros((1, 3), dtype=np.uint64)))
+            body = encode(junk_contribution(rid))
             [w] = seal(body, sender=sender, recipient=c.registry[recipient],  # type: ignore[arg-type]
                        consortium=c.id, round_id=rid, kind=MessageKind.CONTRIBUTION,
                        chain=chain)

@@ -14,7 +14,7 @@ import pytest
 
 from protocol.codec import encode
 from protocol.coordinator import CoordinatorRound, CoordinatorState
-from protocol.errors import AbortReason, RoundClosed
+from protocol.errors import AbortReason, NotAParticipant, RoundClosed
 from protocol.institution import InstitutionRound, InstitutionState
 from protocol.machine import BUFFER, Deadline, Ended, Input, Outcome, RoundMachine, Send
 from protocol.messages import (
@@ -28,7 +28,16 @@ from protocol.messages import (
     RoundRequest,
     RoundResult,
 )
-from tests.samples import COORD, RID, coordinator, institution, request, transcript, variant
+from tests.samples import (
+    COORD,
+    RID,
+    attested,
+    coordinator,
+    institution,
+    request,
+    transcript,
+    variant,
+)
 
 T = transcript()
 INPUT_TYPES: list[type] = [*T.messages, Deadline]
@@ -103,6 +112,12 @@ def test_invalid_pairs_abort_or_raise_typed(role: str, state: object,
         return  # a transition: covered by the round tests
     sender, inp = sample(kind)
     terminal = state in m.TERMINAL
+    if isinstance(inp, Message) and not m.may_send(sender):
+        # a stranger to the round: dropped with a typed error, never an abort
+        with pytest.raises(NotAParticipant):
+            m.handle(sender, inp)
+        assert m.state is state
+        return
     seen = isinstance(inp, Message) and m.has_seen(sender, inp.KIND)
     if seen:
         assert isinstance(inp, Message)
@@ -180,7 +195,8 @@ def test_leader_refuses_a_round_whose_attribute_specs_differ() -> None:
 
     from protocol.fixedpoint import AttributeSpec
     a = T.assignments[OTHER]
-    odd = replace(a, attributes=(AttributeSpec("balance", 3, -1, 1), a.attributes[1]))
+    odd = attested(replace(a, attributes=(AttributeSpec("balance", 3, -1, 1),
+                                          a.attributes[1])))
     out = institution(OTHER).handle(COORD, odd)
     ended = [o for o in out if isinstance(o, Ended)]
     assert [e.reason for e in ended] == [AbortReason.REFUSED]

@@ -22,7 +22,7 @@ SETTINGS = settings(max_examples=40, deadline=None,
 @SETTINGS
 @given(n=st.integers(2, 12), universe=st.integers(0, 2500),
        hold=st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]), query_frac=st.floats(0.0, 1.2),
-       scope=st.sampled_from(list(Scope)), min_holders=st.integers(0, 4),
+       scope=st.sampled_from(list(Scope)), min_holders=st.integers(1, 4),
        one_customer=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_published_totals_equal_plaintext_sums(n: int, universe: int, hold: float,
                                                query_frac: float, scope: Scope,

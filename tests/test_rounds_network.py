@@ -28,7 +28,7 @@ from tests.helpers import (
     run_round,
     token_ids,
 )
-from tests.samples import COORD, institution, transcript
+from tests.samples import COORD, institution, junk_contribution, transcript
 
 ALL = Scope.INTERSECTION
 
@@ -58,7 +58,7 @@ def test_with_drops_every_round_ends_once_correct_or_aborted(seed: int, drop: fl
     world = make_world(4, universe=200, hold=0.5, query=150, seed=seed)
     net = world.net
     net.drop, net.duplicate, net.reorder = drop, 0.3, True
-    rid = run_round(world, requester="bank-0", scope=Scope.QUERY, min_holders=0)
+    rid = run_round(world, requester="bank-0", scope=Scope.QUERY, min_holders=1)
     net.expire(DEADLINE + 10_000)  # everyone's deadline (and grace) has passed
     m = net.coordinator.rounds.get(rid)
     published = [p for p in net.published() if p.round_id == rid]
@@ -69,7 +69,7 @@ def test_with_drops_every_round_ends_once_correct_or_aborted(seed: int, drop: fl
         return
     assert len(published) + len(coord_aborts) == 1
     assert isinstance(m, CoordinatorRound)
-    ids, totals, _ = expected(world, m.leader, Scope.QUERY, 0)
+    ids, totals, _ = expected(world, m.leader, Scope.QUERY, 1)
     for who in net.institutions:
         outs = [o for o in net.outcomes(who) if o.round_id == rid]
         ends = [e for e in net.ended(who) if e.round_id == rid]
@@ -84,8 +84,8 @@ def test_an_institution_that_never_answers_times_out_by_name() -> None:
     world = make_world(3, universe=50, hold=1.0, query=40, seed=7)
     net = world.net
     silent = net.institutions["bank-2"]
-    silent.receive = lambda wire: []  # type: ignore[method-assign]
-    rid = run_round(world, requester="bank-0", scope=ALL, min_holders=1, leader="bank-0")
+    silent.receive = lambda wire, position=-1: []  # type: ignore[method-assign]
+    rid = run_round(world, requester="bank-0", scope=ALL, min_holders=1)
     assert net.published() == []
     net.expire(DEADLINE)
     [end] = [e for e in net.ended(COORDINATOR) if e.round_id == rid]
@@ -211,7 +211,7 @@ def test_hostile_senders_and_wrong_rounds_are_rejected_typed() -> None:
     rid = run_round(world, requester="bank-0", scope=ALL, min_holders=1)
     # a stranger with keys of its own
     stranger, _ = keys_for("mallory", b"evil")
-    [wire] = seal(encode(Contribution(rid, np.zeros((1, 3), dtype=np.uint64))),
+    [wire] = seal(encode(junk_contribution(rid)),
                   sender=stranger, recipient=net.coordinator.registry[COORDINATOR],
                   consortium=CONSORTIUM, round_id=rid, kind=Contribution.KIND, chain=Chain())
     [rej] = net.coordinator.receive(wire)
@@ -220,7 +220,7 @@ def test_hostile_senders_and_wrong_rounds_are_rejected_typed() -> None:
     # a member sending for a round that does not exist
     ghost = os.urandom(16)
     b1 = net.institutions["bank-1"]
-    [wire] = seal(encode(Contribution(ghost, np.zeros((1, 3), dtype=np.uint64))),
+    [wire] = seal(encode(junk_contribution(ghost)),
                   sender=b1.me, recipient=net.coordinator.registry[COORDINATOR],
                   consortium=CONSORTIUM, round_id=ghost, kind=Contribution.KIND, chain=b1.chain)
     [rej] = net.coordinator.receive(wire)

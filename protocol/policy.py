@@ -1,0 +1,105 @@
+"""The consortium's policy: the floors every round must keep, whoever asks for it.
+
+PROTOCOL.md, "A hostile member": the consortium, not the request, sets the minimum holders per
+published row, the minimum participants and whether a round may use a subset of the
+institutions (default: every institution in every round). A request may raise a floor, never
+lower it. The coordinator enforces the policy, and every institution checks each assignment
+against its own copy, so a coordinator cannot waive it.
+
+`DifferencingGuard`: where subsets are allowed, two rounds whose participant sets differ by one
+institution let the totals be subtracted into that institution's values. Each party keeps the
+participant sets of its last `window` rounds and refuses a round that differs from one of them
+by exactly one institution.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from protocol.fixedpoint import AttributeSpec
+
+DEFAULT_MAX_QUERY = 10_000_000
+DEFAULT_DIFFERENCE_WINDOW = 10_000
+
+
+@dataclass(frozen=True)
+class ConsortiumPolicy:
+    """What every party of a consortium holds: institutions, attribute specs and the floors.
+
+    `min_participants` 0 means every institution; with `allow_subsets` false (the default) a
+    round must include every institution whatever its request says."""
+
+    institutions: frozenset[str]
+    attributes: dict[str, AttributeSpec] = field(default_factory=dict)
+    min_participants: int = 0
+    min_holders: int = 1
+    allow_subsets: bool = False
+    max_query: int = DEFAULT_MAX_QUERY
+    difference_window: int = DEFAULT_DIFFERENCE_WINDOW
+
+    def __post_init__(self) -> None:
+        if self.min_participants < 0 or self.min_holders < 1 or self.max_query < 1:
+            raise ValueError("policy: min_participants >= 0, min_holders >= 1, max_query >= 1")
+        if self.difference_window < 0:
+            raise ValueError("policy: difference_window >= 0")
+
+    @property
+    def participants_floor(self) -> int:
+        every = len(self.institutions)
+        if not self.allow_subsets or self.min_participants == 0:
+            return every
+        return max(2, min(self.min_participants, every))
+
+    def problem(self, participants: tuple[str, ...], min_holders: int,
+                query_size: int) -> str:
+        """Why a round with these parameters breaks the policy, or "" when it keeps it."""
+        if unknown := [p for p in participants if p not in self.institutions]:
+            return f"participant {unknown[0]!r} is not an institution of this consortium"
+        if not self.allow_subsets and set(participants) != self.institutions:
+            absent = sorted(self.institutions - set(participants))
+            return (f"the policy has every institution in every round; {', '.join(absent)} "
+                    "missing (subsets are not allowed)")
+        if len(participants) < self.participants_floor:
+            return (f"{len(participants)} participants; the policy needs at least "
+                    f"{self.participants_floor}")
+        if min_holders < self.min_holders:
+            return (f"min_holders {min_holders} is below the consortium's floor of "
+                    f"{self.min_holders}")
+        if query_size > self.max_query:
+            return f"a query of {query_size} customers exceeds the limit of {self.max_query}"
+        return ""
+
+
+class Signer(Protocol):
+    """A party's signing key and the registry's verifying keys, for statements inside
+    messages (the envelope signature covers transport; these can be forwarded)."""
+
+    def sign(self, statement: bytes) -> bytes: ...
+
+    def verify(self, party: str, signature: bytes, statement: bytes) -> bool: ...
+
+
+class DifferencingGuard:
+    """The participant sets of the last `window` rounds a party took part in."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._sets: deque[frozenset[str]] = deque(maxlen=max(window, 1))
+
+    def problem(self, participants: tuple[str, ...]) -> str:
+        if self.window == 0:
+            return ""
+        mine = frozenset(participants)
+        for earlier in self._sets:
+            diff = earlier ^ mine
+            if len(diff) == 1:
+                (who,) = diff
+                return (f"its totals minus those of an earlier round over "
+                        f"{', '.join(sorted(earlier))} would be {who}'s values alone")
+        return ""
+
+    def record(self, participants: tuple[str, ...]) -> None:
+        if self.window:
+            self._sets.append(frozenset(participants))
