@@ -14,8 +14,8 @@ it is reassembled only when every part has arrived and each was authentic.
 HPKE: X25519 or ML-KEM-768+X25519 KEM, HKDF-SHA256, AES-256-GCM, from `cryptography`.
 
 Padding: a body is sealed as `pad(body)`: an 8-byte length, the body and zeros up to the next
-size bucket (`padded_size`: 256 bytes, then four buckets per doubling, at most 19% overhead), so
-the broker sees message sizes only coarsely.
+size bucket (`padded_size`: 256 bytes, then four buckets per doubling), so
+the broker sees message sizes only coarsely (at most 25% larger).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ round afterwards is exact. `ZEROSUM_HOSTILE_COUNT` sets the count (100,000 by de
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -21,7 +22,7 @@ import msgpack
 import numpy as np
 
 from protocol.codec import encode
-from protocol.driver import COORDINATOR, CONSORTIUM, Network
+from protocol.driver import CONSORTIUM, COORDINATOR, Network
 from protocol.envelope import seal
 from protocol.machine import Ended, Outcome, Published
 from protocol.messages import MessageKind, Scope
@@ -128,10 +129,8 @@ def test_hostile_bodies_signed_by_members_never_stop_a_party() -> None:
                 body = msgpack.unpackb(data, raw=False, strict_map_key=False)
                 if isinstance(body, dict):
                     body["round_id"] = rid
-                    try:
+                    with contextlib.suppress(ValueError, TypeError, OverflowError):
                         data = msgpack.packb(body, use_bin_type=True)
-                    except (ValueError, TypeError, OverflowError):
-                        pass
             if kind in TO_COORDINATOR:
                 sender, recipient = rng.choice(names), COORDINATOR
             else:

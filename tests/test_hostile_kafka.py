@@ -23,7 +23,7 @@ from protocol.party import InstitutionParty
 from protocol.tokens import LocalTable, tokenize
 from tests.kafka_util import produce
 from tests.samples import junk_contribution
-from tests.soak import COUNTERS
+from tests.soak import COUNTERS, FULL
 from tests.test_agents_kafka import ATTRS, check, make_consortium, query_ids, running
 
 pytestmark = pytest.mark.kafka
@@ -137,3 +137,62 @@ async def test_values_out_of_their_declared_range_abort_the_round(kafka_bootstra
         assert out.reason is AbortReason.TOTAL_OUT_OF_RANGE
         assert agents["coordinator"].stats.published == 0
         COUNTERS["hostile inputs tried"] += 1
+
+
+async def test_signed_hostile_bodies_on_kafka_stop_no_agent(kafka_bootstrap: str,
+                                                           tmp_path: Path) -> None:
+    """Members' keys sign hostile bodies (the 2^63-column matrix among them) into every
+    party's inbox; each agent rejects and commits past them, survives a restart without
+    reading them into the same failure, and the next round is exact."""
+    import random
+
+    from tests.test_hostile_fuzz import hostile_body
+
+    d = make_consortium(tmp_path, kafka_bootstrap, 3)
+    ids = query_ids(d, 60)
+    count = 4000 if FULL else 600
+    async with running(d) as agents:
+        b1 = agents["bank-1"]
+        c = b1.cfg.consortium
+        key = b1.cfg.consortium_key
+        assert key is not None
+        keys = {n: load_party(d / f"{n}.toml").keys for n in c.registry}
+        chains = {n: Chain(10**9) for n in keys}  # far from the agents' own sequence numbers
+        rng = random.Random(11)
+        from tests.samples import transcript
+        templates = [msgpack.unpackb(encode(m), raw=False)
+                     for _, m in transcript().messages.values()]
+        crash = msgpack.packb({"v": 1, "kind": 6, "round_id": bytes(16),
+                               "assignment": bytes(32), "rows_digest": bytes(32),
+                               "endorsement": bytes(64), "values": [0, 2**63, b""]},
+                              use_bin_type=True)
+        per_topic: dict[str, list[bytes]] = {}
+        for i in range(count):
+            kind, rid, data = hostile_body(rng, templates)
+            if i == 0:
+                kind, data = MessageKind.CONTRIBUTION, crash
+            recipient = rng.choice(list(c.registry))
+            sender = rng.choice([n for n in c.registry if n != recipient])
+            per_topic.setdefault(c.registry[recipient].topic, []).extend(seal(
+                data, sender=keys[sender], recipient=c.registry[recipient], consortium=c.id,
+                round_id=rid, kind=kind, chain=chains[sender]))
+        before = {n: a.stats.received for n, a in agents.items()}
+        for topic, wires in per_topic.items():
+            await produce(kafka_bootstrap, topic, wires)
+        for n, a in agents.items():
+            want = before[n] + len(per_topic.get(c.registry[n].topic, []))
+            def arrived(a: Agent = a, want: int = want) -> bool:
+                return a.stats.received >= want
+
+            await a.wait_until(arrived, 120)
+            assert a.stats.rejected_by_reason.get("HandlingFailed", 0) == 0
+        COUNTERS["hostile inputs tried"] += count
+        out = await b1.submit(os.urandom(16), tokenize(ids, key), participants=c.institutions,
+                              attributes=ATTRS, scope=Scope.INTERSECTION, timeout_s=60)
+        check(out, ids, d)
+    # a restart reads past them (committed), never into the same failure
+    async with running(d) as agents:
+        b1 = agents["bank-1"]
+        out = await b1.submit(os.urandom(16), tokenize(ids, key), participants=c.institutions,
+                              attributes=ATTRS, scope=Scope.INTERSECTION, timeout_s=60)
+        check(out, ids, d)
