@@ -18,15 +18,15 @@ WAIT_MS = 20_000
 
 
 def make_consortium(tmp: Path, kafka: KafkaAccess, n: int, customers: int = 300, *,
-                    parties: list[str] | None = None, **init: Any) -> Path:
-    """`zerosum init` into tmp/consortium, trusting the broker's CA, then (secured broker) the
-    admin step for `parties` (default: all): topics, SCRAM users, ACLs."""
+                    admin_step: bool = True, **init: Any) -> Path:
+    """`zerosum init` into tmp/consortium, trusting the broker's CA, then (secured broker,
+    unless not `admin_step`) the admin step: topics, SCRAM users, ACLs."""
     d = tmp / "consortium"
     init_consortium(d, institutions=n, customers=customers, bootstrap=kafka.bootstrap,
                     consortium=f"t{uuid.uuid4().hex[:10]}", ca=kafka.cafile,
                     insecure=not kafka.secure, **init)
-    if kafka.secure:
-        provision(kafka, load_consortium(d / "consortium.toml"), parties)
+    if kafka.secure and admin_step:
+        provision(kafka, load_consortium(d / "consortium.toml"))
     return d
 
 
@@ -52,8 +52,8 @@ async def produce(bootstrap: str | KafkaAccess, topic: str, values: list[bytes])
     producer = AIOKafkaProducer(**as_access(bootstrap).aiokafka_kwargs(),
                                 enable_idempotence=True, acks="all",
                                 max_request_size=2 * 1024 * 1024)
-    await producer.start()
     try:
+        await producer.start()
         return [(await producer.send_and_wait(topic, v)).offset for v in values]
     finally:
         await producer.stop()
