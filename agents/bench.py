@@ -520,9 +520,42 @@ def summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def plaintext_beside(secure: dict[str, Any], scenarios: list[str], *, customers: int,
+                           institutions: int, attributes: int, small: int,
+                           say: Say) -> dict[str, Any]:
+    """The large and small scenarios again on a second, `--insecure` broker (free ports, a
+    temporary data dir): the cost of TLS + SCRAM + ACLs, measured in the same run."""
+    from agents.broker import LocalBroker, free_port
+
+    with tempfile.TemporaryDirectory(prefix="zerosum-bench-plain-") as tmp:
+        broker = LocalBroker(Path(tmp), port=free_port(), controller_port=free_port(),
+                             insecure=True)
+        await asyncio.to_thread(broker.start)
+        try:
+            say("plaintext broker (--insecure) for comparison")
+            plain = await run_all(broker.access(), [s for s in scenarios
+                                                    if s in ("large", "small")],
+                                  customers=customers, institutions=institutions,
+                                  attributes=attributes, small=small, paillier_customers=0,
+                                  say=say)
+        finally:
+            await asyncio.to_thread(broker.stop)
+    out: dict[str, Any] = {}
+    for key, field in (("large_round", "seconds"), ("small_rounds", "rounds_per_s"),
+                       ("small_rounds", "p99_ms")):
+        if key in secure and key in plain:
+            out[f"{key}.{field}"] = {"secure": secure[key][field], "plaintext": plain[key][field],
+                                     "secure_to_plaintext": secure[key][field] /
+                                     plain[key][field]}
+            say(f"  {key}.{field}: secure {secure[key][field]:.2f}, plaintext "
+                f"{plain[key][field]:.2f}")
+    return out
+
+
 def main(*, scenarios: list[str], customers: int, institutions: int, attributes: int,
          small: int, paillier_customers: int, json_out: Path | None, plot_out: Path | None,
-         bootstrap: str | None, data_dir: Path, port: int, controller_port: int) -> int:
+         bootstrap: str | None, data_dir: Path, port: int, controller_port: int,
+         compare_plaintext: bool = False) -> int:
     from agents.broker import LocalBroker
 
     def say(text: str) -> None:
@@ -537,7 +570,7 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
     if access is None:
         broker = LocalBroker(data_dir, port=port, controller_port=controller_port)
         started = broker.start()
-        access = broker.access()
+        access = broker.access(broker.running())
         say(f"Kafka at {started.bootstrap}" + (" (already running)" if started.already_running
                                                else f", started in {started.seconds:.1f} s"))
         if started.already_running:
@@ -549,6 +582,10 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
                                       institutions=institutions, attributes=attributes,
                                       small=small, paillier_customers=paillier_customers,
                                       say=say))
+        if compare_plaintext:
+            results["security"] = asyncio.run(plaintext_beside(
+                results, scenarios, customers=customers, institutions=institutions,
+                attributes=attributes, small=small, say=say))
     finally:
         if broker is not None:
             broker.stop()

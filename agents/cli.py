@@ -353,7 +353,10 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="(default: %(default)s)")
     b.add_argument("--json", type=Path, help="write every figure as JSON")
     b.add_argument("--plot", type=Path, help="write the scaling chart (PNG); adds scaling")
-    b.add_argument("--bootstrap", help="use this broker instead of the embedded one")
+    b.add_argument("--bootstrap", help="use this plaintext broker instead of the embedded one")
+    b.add_argument("--compare-plaintext", action="store_true",
+                   help="run large and small again on a second, --insecure broker and report "
+                        "secure beside plaintext (results['security'])")
     b.add_argument("--data-dir", type=Path, default=default_data_dir(),
                    help="embedded broker data dir (default: %(default)s)")
     b.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
@@ -409,7 +412,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       small=args.small_rounds, paillier_customers=args.paillier_customers,
                       json_out=args.json, plot_out=args.plot, bootstrap=args.bootstrap,
                       data_dir=args.data_dir, port=args.port,
-                      controller_port=args.controller_port)
+                      controller_port=args.controller_port,
+                      compare_plaintext=args.compare_plaintext)
 
 
 def build_parser() -> argparse.ArgumentParser:

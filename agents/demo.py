@@ -97,7 +97,7 @@ def run_demo(*, institutions: int, customers: int, rounds: int, data_dir: Path, 
                                               else f", started in {started.seconds:.1f} s"))
     directory = Path(tempfile.mkdtemp(prefix="zerosum-demo-"))
     try:
-        init_on_broker(directory, broker.access(), institutions=institutions,
+        init_on_broker(directory, broker.access(broker.running()), institutions=institutions,
                        customers=customers, consortium=f"demo-{os.urandom(4).hex()}")
         print(f"consortium of {institutions} institutions x {customers} customers in "
               f"{directory}")
