@@ -31,8 +31,10 @@ from numpy.typing import NDArray
 from agents.broker import broker_config_dir, read_properties
 from agents.config import PartyConfig
 from agents.data import Snapshot
+from agents.kafka_client import prepare_topics
 from agents.ledger import RoundLedger
 from agents.outbox import Outbox
+from agents.security import KafkaAccess, as_access
 from protocol.envelope import digest
 from protocol.errors import HandlingFailed
 from protocol.machine import Ended, Outcome, Published, SetTimer
@@ -59,10 +61,13 @@ def topic_settings() -> tuple[int, int, dict[str, str]]:
     return partitions, replication, props
 
 
-async def ensure_topics(bootstrap: str, topics: list[str]) -> None:
-    """Create the inbox topics that do not exist yet, with the audit settings."""
+async def ensure_topics(bootstrap: str | KafkaAccess, topics: list[str]) -> None:
+    """Create the inbox topics that do not exist yet, with the audit settings.
+
+    On a secured broker only the admin may (`agents.kafka_admin.provision`); a party there
+    checks that its topics exist (`check_topics`)."""
     partitions, replication, configs = topic_settings()
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**as_access(bootstrap).aiokafka_kwargs())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -75,12 +80,13 @@ async def ensure_topics(bootstrap: str, topics: list[str]) -> None:
         await admin.close()
 
 
-async def read_to_end(bootstrap: str, topics: list[str], *,
+async def read_to_end(bootstrap: str | KafkaAccess, topics: list[str], *,
                       last: int | None = None) -> AsyncIterator[Any]:
     """The records of `topics` (partition 0) up to their end offsets at the time of the call:
     all of them, or only the `last` few of each. RuntimeError if the broker stops delivering
     before the end."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(**as_access(bootstrap).aiokafka_kwargs(),
+                                enable_auto_commit=False,
                                 auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=MAX_REQUEST_BYTES * 4)
     await consumer.start()
@@ -165,13 +171,13 @@ class Agent:
 
     async def run(self) -> None:
         cfg = self.cfg
-        await ensure_topics(cfg.bootstrap, [p.topic for p in cfg.consortium.registry.values()])
+        await prepare_topics(cfg.kafka, [p.topic for p in cfg.consortium.registry.values()])
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=cfg.bootstrap, enable_idempotence=True, acks="all",
+            **cfg.kafka.aiokafka_kwargs(), enable_idempotence=True, acks="all",
             max_request_size=MAX_REQUEST_BYTES, linger_ms=2,
             client_id=f"zerosum-{cfg.party}")
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.bootstrap, group_id=f"zerosum.{cfg.consortium.id}.{cfg.party}",
+            **cfg.kafka.aiokafka_kwargs(), group_id=f"zerosum.{cfg.consortium.id}.{cfg.party}",
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_partition_fetch_bytes=MAX_REQUEST_BYTES * 4, fetch_max_bytes=64 * 1024 * 1024,
             client_id=f"zerosum-{cfg.party}")
@@ -250,7 +256,11 @@ class Agent:
         """Digests of the last records of `topics`: which journaled envelopes landed.
 
         Only the tail can hold them: the journal is emptied after every acknowledged batch, so
-        its envelopes are among the last ones this party wrote to each topic."""
+        its envelopes are among the last ones this party wrote to each topic.
+        On a secured broker a party may not read other inboxes: then nothing counts as landed,
+        and all is sent again (a recipient drops an exact duplicate; the audit counts it)."""
+        if self.cfg.kafka.secure:
+            return set()
         return {digest(r.value) async for r in read_to_end(
             self.cfg.bootstrap, sorted(topics), last=pending + 10_000)}
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.config import Consortium
+from agents.security import KafkaAccess, as_access
 from protocol.audit import Auditor, Record, Report
 from protocol.envelope import PrivateParty
 
@@ -42,13 +43,14 @@ def parse_since(text: str) -> int:
     return int(dt.timestamp() * 1000)
 
 
-async def read_and_audit(consortium: Consortium, bootstrap: str, *,
+async def read_and_audit(consortium: Consortium, bootstrap: str | KafkaAccess, *,
                          key: PrivateParty | None = None, since_ms: int | None = None,
                          batch: int = 500) -> AuditRun:
     t0 = time.monotonic()
     auditor = Auditor(consortium.registry, consortium.id, consortium.coordinator, key=key,
                       attributes=consortium.attributes, from_start=since_ms is None)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(**as_access(bootstrap).aiokafka_kwargs(),
+                                enable_auto_commit=False,
                                 auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=4 * 1024 * 1024)
     await consumer.start()

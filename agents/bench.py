@@ -33,8 +33,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from agents.agent import ensure_topics, read_to_end
 from agents.config import load_party
-from agents.init import init_consortium
+from agents.kafka_admin import init_on_broker
 from agents.run import agents_in_process, party_configs, request_round
+from agents.security import KafkaAccess, as_access
 from protocol.envelope import Header
 from protocol.fixedpoint import AttributeSpec
 from protocol.machine import Outcome
@@ -114,14 +115,14 @@ class AgentProcess:
         return code
 
     @classmethod
-    async def start(cls, name: str, config: Path, bootstrap: str,
+    async def start(cls, name: str, config: Path, bootstrap: str | KafkaAccess,
                     env: dict[str, str] | None = None, ready_s: float = 120) -> AgentProcess:
         """`zerosum coordinator|institution --config` as a process; returns once ready."""
         exe = str(Path(sys.executable).parent / "zerosum")
         role = "coordinator" if name == "coordinator" else "institution"
         proc = await asyncio.create_subprocess_exec(
             exe, role, "--config", str(config),
-            env={**os.environ, "KAFKA_BOOTSTRAP": bootstrap, **(env or {})},
+            env={**os.environ, "KAFKA_BOOTSTRAP": as_access(bootstrap).bootstrap, **(env or {})},
             stderr=asyncio.subprocess.PIPE)
         agent = cls(name, proc)
         async with asyncio.timeout(ready_s):
@@ -136,7 +137,7 @@ class AgentProcess:
 
 @contextlib.asynccontextmanager
 async def agent_processes(configs: list[Path],
-                          bootstrap: str) -> AsyncIterator[dict[str, AgentProcess]]:
+                          bootstrap: KafkaAccess) -> AsyncIterator[dict[str, AgentProcess]]:
     """Each party file's agent as its own `zerosum` process; all stopped with SIGTERM."""
     procs: dict[str, AgentProcess] = {}
     try:
@@ -148,7 +149,7 @@ async def agent_processes(configs: list[Path],
             await p.stop()
 
 
-async def bus_bytes(bootstrap: str, topics: list[str]) -> dict[str, Any]:
+async def bus_bytes(bootstrap: KafkaAccess, topics: list[str]) -> dict[str, Any]:
     """Bytes on the bus by sender, by (sender, topic), and by message kind."""
     by_sender: dict[str, int] = defaultdict(int)
     by_kind: dict[str, int] = defaultdict(int)
@@ -169,7 +170,7 @@ async def bus_bytes(bootstrap: str, topics: list[str]) -> dict[str, Any]:
                           for k, v in sorted(stages.items(), key=lambda kv: kv[1][0])}}
 
 
-async def transport_floor(bootstrap: str, routes: dict[str, int]) -> float:
+async def transport_floor(bootstrap: KafkaAccess, routes: dict[str, int]) -> float:
     """Seconds to move the same bytes per (sender, topic) through the broker, all at once, in
     1 MiB records, with one idempotent acks=all producer per sender and one consumer a topic."""
     chunk = os.urandom((1 << 20) - (16 << 10))
@@ -183,7 +184,7 @@ async def transport_floor(bootstrap: str, routes: dict[str, int]) -> float:
     await ensure_topics(bootstrap, list(per_topic))
 
     async def send(items: list[tuple[str, int]]) -> None:
-        p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
+        p = AIOKafkaProducer(**bootstrap.aiokafka_kwargs(), enable_idempotence=True, acks="all",
                              max_request_size=2 << 20, linger_ms=2)
         await p.start()
         try:
@@ -197,7 +198,7 @@ async def transport_floor(bootstrap: str, routes: dict[str, int]) -> float:
             await p.stop()
 
     async def receive(topic: str, n: int) -> None:
-        c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        c = AIOKafkaConsumer(topic, **bootstrap.aiokafka_kwargs(), auto_offset_reset="earliest",
                              enable_auto_commit=False, max_partition_fetch_bytes=8 << 20)
         await c.start()
         try:
@@ -226,7 +227,7 @@ def compute_floor(rows: int, cols: int, n: int) -> float:
     return time.perf_counter() - t0
 
 
-async def large_round(bootstrap: str, *, customers: int, institutions: int, attributes: int,
+async def large_round(bootstrap: KafkaAccess, *, customers: int, institutions: int, attributes: int,
                       say: Say, hold: float = 0.8, seed: int = 7) -> dict[str, Any]:
     specs = SPECS[:attributes]
     with tempfile.TemporaryDirectory(prefix="zerosum-bench-") as tmp:
@@ -286,12 +287,12 @@ async def large_round(bootstrap: str, *, customers: int, institutions: int, attr
     return out
 
 
-def _prepare(d: Path, bootstrap: str, customers: int, institutions: int,
+def _prepare(d: Path, bootstrap: KafkaAccess, customers: int, institutions: int,
              specs: tuple[AttributeSpec, ...], hold: float,
              seed: int) -> tuple[np.ndarray[Any, np.dtype[np.int64]], Path, list[Path]]:
     """A consortium with Parquet data, and a query of every customer, in directory d."""
-    init_consortium(d, institutions=institutions, customers=1, bootstrap=bootstrap,
-                    consortium=f"bench{os.urandom(4).hex()}", attributes=specs)
+    init_on_broker(d, bootstrap, institutions=institutions, customers=1,
+                   consortium=f"bench{os.urandom(4).hex()}", attributes=specs)
     expected = write_data(d, institutions, customers, specs, hold, seed)
     query = d / "query.csv"
     query.write_text("customer_id\n" + "\n".join(_ids(customers)) + "\n")
@@ -313,13 +314,13 @@ def _check_all(rows: list[list[str]], expected: np.ndarray[Any, np.dtype[np.int6
     return bool(len(rows) == expected.shape[0])
 
 
-async def small_rounds(bootstrap: str, *, rounds: int, in_flight: int, customers: int,
+async def small_rounds(bootstrap: KafkaAccess, *, rounds: int, in_flight: int, customers: int,
                        institutions: int, say: Say) -> dict[str, Any]:
     """Many small rounds in flight among in-process agents: throughput and latency."""
     with tempfile.TemporaryDirectory(prefix="zerosum-bench-") as tmp:
         d = Path(tmp)
-        init_consortium(d, institutions=institutions, customers=customers,
-                        bootstrap=bootstrap, consortium=f"bench{os.urandom(4).hex()}")
+        await asyncio.to_thread(init_on_broker, d, bootstrap, institutions=institutions,
+                                customers=customers, consortium=f"bench{os.urandom(4).hex()}")
         async with agents_in_process(party_configs(d)) as agents:
             banks = [a for n, a in agents.items() if n != "coordinator"]
             key = banks[0].cfg.consortium_key
@@ -366,7 +367,7 @@ def _encrypt_column(args: tuple[int, list[int]]) -> tuple[list[int], float]:
     return cts, time.perf_counter() - t0
 
 
-async def paillier(bootstrap: str, *, customers: int, institutions: int,
+async def paillier(bootstrap: KafkaAccess, *, customers: int, institutions: int,
                    say: Say) -> dict[str, Any]:
     """The same per-customer totals (one attribute) with Paillier, and with zerosum."""
     import phe
@@ -392,8 +393,9 @@ async def paillier(bootstrap: str, *, customers: int, institutions: int,
     spec = (AttributeSpec("balance", 0, -10**12, 10**12),)
     with tempfile.TemporaryDirectory(prefix="zerosum-bench-") as tmp:
         d = Path(tmp)
-        init_consortium(d, institutions=institutions, customers=1, bootstrap=bootstrap,
-                        consortium=f"bench{os.urandom(4).hex()}", attributes=spec)
+        await asyncio.to_thread(init_on_broker, d, bootstrap, institutions=institutions,
+                                customers=1, consortium=f"bench{os.urandom(4).hex()}",
+                                attributes=spec)
         ids = _ids(customers)
         for i, col in enumerate(cols, start=1):
             (d / "data" / f"bank-{i}.csv").write_text(
@@ -471,7 +473,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-async def run_all(bootstrap: str, scenarios: list[str], *, customers: int,
+async def run_all(bootstrap: KafkaAccess, scenarios: list[str], *, customers: int,
                   institutions: int, attributes: int, small: int, paillier_customers: int,
                   say: Say) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
@@ -518,9 +520,42 @@ def summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def plaintext_beside(secure: dict[str, Any], scenarios: list[str], *, customers: int,
+                           institutions: int, attributes: int, small: int,
+                           say: Say) -> dict[str, Any]:
+    """The large and small scenarios again on a second, `--insecure` broker (free ports, a
+    temporary data dir): the cost of TLS + SCRAM + ACLs, measured in the same run."""
+    from agents.broker import LocalBroker, free_port
+
+    with tempfile.TemporaryDirectory(prefix="zerosum-bench-plain-") as tmp:
+        broker = LocalBroker(Path(tmp), port=free_port(), controller_port=free_port(),
+                             insecure=True)
+        await asyncio.to_thread(broker.start)
+        try:
+            say("plaintext broker (--insecure) for comparison")
+            plain = await run_all(broker.access(), [s for s in scenarios
+                                                    if s in ("large", "small")],
+                                  customers=customers, institutions=institutions,
+                                  attributes=attributes, small=small, paillier_customers=0,
+                                  say=say)
+        finally:
+            await asyncio.to_thread(broker.stop)
+    out: dict[str, Any] = {}
+    for key, field in (("large_round", "seconds"), ("small_rounds", "rounds_per_s"),
+                       ("small_rounds", "p99_ms")):
+        if key in secure and key in plain:
+            out[f"{key}.{field}"] = {"secure": secure[key][field], "plaintext": plain[key][field],
+                                     "secure_to_plaintext": secure[key][field] /
+                                     plain[key][field]}
+            say(f"  {key}.{field}: secure {secure[key][field]:.2f}, plaintext "
+                f"{plain[key][field]:.2f}")
+    return out
+
+
 def main(*, scenarios: list[str], customers: int, institutions: int, attributes: int,
          small: int, paillier_customers: int, json_out: Path | None, plot_out: Path | None,
-         bootstrap: str | None, data_dir: Path, port: int, controller_port: int) -> int:
+         bootstrap: str | None, data_dir: Path, port: int, controller_port: int,
+         compare_plaintext: bool = False) -> int:
     from agents.broker import LocalBroker
 
     def say(text: str) -> None:
@@ -531,21 +566,26 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # start-up noise of a new group
 
     broker = None
-    if bootstrap is None:
+    access = KafkaAccess(bootstrap) if bootstrap is not None else None
+    if access is None:
         broker = LocalBroker(data_dir, port=port, controller_port=controller_port)
         started = broker.start()
-        bootstrap = started.bootstrap
-        say(f"Kafka at {bootstrap}" + (" (already running)" if started.already_running else
-                                       f", started in {started.seconds:.1f} s"))
+        access = broker.access(broker.running())
+        say(f"Kafka at {started.bootstrap}" + (" (already running)" if started.already_running
+                                               else f", started in {started.seconds:.1f} s"))
         if started.already_running:
             broker = None
     if plot_out is not None and "scaling" not in scenarios:
         scenarios = [*scenarios, "scaling"]
     try:
-        results = asyncio.run(run_all(bootstrap, scenarios, customers=customers,
+        results = asyncio.run(run_all(access, scenarios, customers=customers,
                                       institutions=institutions, attributes=attributes,
                                       small=small, paillier_customers=paillier_customers,
                                       say=say))
+        if compare_plaintext:
+            results["security"] = asyncio.run(plaintext_beside(
+                results, scenarios, customers=customers, institutions=institutions,
+                attributes=attributes, small=small, say=say))
     finally:
         if broker is not None:
             broker.stop()

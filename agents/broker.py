@@ -26,6 +26,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agents.security import (
+    KafkaAccess,
+    SecurityError,
+    as_access,
+    new_password,
+    read_credentials,
+    write_broker_keystore,
+    write_ca,
+    write_credentials,
+    write_private,
+)
+
 KAFKA_VERSION = "4.4.0"
 DEFAULT_PORT = 9092
 DEFAULT_CONTROLLER_PORT = 9093
@@ -33,6 +45,19 @@ START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 60.0
 JVM_OPTS = ("-Xms512m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true")
+
+
+# `--insecure`: the plaintext listener of old, for experiments only
+INSECURE_OVERRIDES = {
+    "inter.broker.listener.name": "PLAINTEXT",
+    "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+}
+# what `start` adds to server.properties in secure mode: paths and passwords of this data dir
+SET_BY_START = ("ssl.keystore.location", "ssl.keystore.password", "ssl.truststore.location",
+                "listener.name.controller.plain.sasl.jaas.config",
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config")
+SECURE_ONLY = {"authorizer.class.name", "allow.everyone.if.no.acl.found", "super.users",
+               "listener.name.controller.sasl.enabled.mechanisms"}
 
 
 class BrokerError(Exception):
@@ -165,17 +190,19 @@ def kafka_cluster_id() -> str:
             return cid
 
 
-async def probe(bootstrap: str, timeout_s: float = 5.0) -> int:
-    """Send one metadata request to `bootstrap`; return the number of brokers it reports.
+async def probe(target: str | KafkaAccess, timeout_s: float = 5.0) -> int:
+    """Send one metadata request to `target`; return the number of brokers it reports.
 
     Raises BrokerError when no answer arrives within `timeout_s`.
     """
     from aiokafka import AIOKafkaClient  # local import: the CLI's --help stays fast
 
+    access = as_access(target)
+    bootstrap = access.bootstrap
     quiet = logging.getLogger("aiokafka")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
+    client = AIOKafkaClient(**access.aiokafka_kwargs(), request_timeout_ms=int(timeout_s * 1000),
                             metadata_max_age_ms=1000)
     try:
         async with asyncio.timeout(timeout_s):
@@ -203,6 +230,7 @@ class BrokerInfo:
     port: int
     controller_port: int
     started_at: float
+    secure: bool = False
 
     @property
     def bootstrap(self) -> str:
@@ -214,6 +242,7 @@ class StartResult:
     bootstrap: str
     seconds: float
     already_running: bool
+    secure: bool = True
 
 
 class LocalBroker:
@@ -221,12 +250,15 @@ class LocalBroker:
 
     def __init__(self, data_dir: Path | None = None, *, port: int = DEFAULT_PORT,
                  controller_port: int = DEFAULT_CONTROLLER_PORT, cache_dir: Path | None = None,
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None, insecure: bool = False,
+                 tls_dir: Path | None = None) -> None:
         self.data_dir = (data_dir or default_data_dir()).resolve()
         self.port = port
         self.controller_port = controller_port
         self.cache_dir = cache_dir or default_cache_dir()
         self.log = log or logging.getLogger("zerosum.broker")
+        self.insecure = insecure
+        self.tls_dir = (tls_dir or self.data_dir / "tls").resolve()
 
     # -- files -------------------------------------------------------------------------
     @property
@@ -244,6 +276,16 @@ class LocalBroker:
     @property
     def kraft_dir(self) -> Path:
         return self.data_dir / "kraft-logs"
+
+    @property
+    def admin_credentials(self) -> Path:
+        """The admin super-user's SCRAM credential (mode 600), made before the first format."""
+        return self.data_dir / "admin.kafka"
+
+    @property
+    def cafile(self) -> Path:
+        """The CA certificate that clients of this broker trust."""
+        return self.tls_dir / "ca.pem"
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -263,7 +305,8 @@ class LocalBroker:
             raw = json.loads(self.info_path.read_text())
             return BrokerInfo(pid=int(raw["pid"]), port=int(raw["port"]),
                               controller_port=int(raw["controller_port"]),
-                              started_at=float(raw["started_at"]))
+                              started_at=float(raw["started_at"]),
+                              secure=bool(raw.get("secure", False)))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -280,22 +323,77 @@ class LocalBroker:
             return info
         return None
 
+    def access(self, info: BrokerInfo | None = None) -> KafkaAccess:
+        """How the admin reaches this broker: the admin super-user in secure mode."""
+        secure = info.secure if info is not None else not self.insecure
+        bootstrap = f"127.0.0.1:{info.port if info is not None else self.port}"
+        if not secure:
+            return KafkaAccess(bootstrap)
+        try:
+            user, password = read_credentials(self.admin_credentials)
+        except SecurityError as exc:
+            raise BrokerError(str(exc)) from exc
+        return KafkaAccess(bootstrap, user, password, self.cafile)
+
+    def _secrets(self) -> dict[str, str]:
+        """Passwords of this data dir (mode 600), made on the first secure start."""
+        path = self.data_dir / "broker-secrets.toml"
+        if not path.is_file():
+            write_private(path, f'controller_password = "{new_password()}"\n')
+        raw = read_properties(path)
+        return {k: v.strip('"') for k, v in raw.items()}
+
+    def _tls(self) -> str:
+        """The broker's keystore password; the CA and keystore are made when missing."""
+        if not (self.tls_dir / "ca.pem").is_file():
+            write_ca(self.tls_dir, "zerosum local broker CA")
+        pw_file = self.tls_dir / "broker.password"
+        if not (self.tls_dir / "broker.p12").is_file() or not pw_file.is_file():
+            write_private(pw_file, write_broker_keystore(self.tls_dir))
+        return pw_file.read_text().strip()
+
     def effective_properties(self) -> dict[str, str]:
         props = read_properties(broker_config_dir() / "server.properties")
+        listener = "PLAINTEXT" if self.insecure else "SASL_SSL"
         props.update({
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},"
+            "listeners": f"{listener}://127.0.0.1:{self.port},"
                          f"CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "advertised.listeners": f"{listener}://127.0.0.1:{self.port}",
             "controller.quorum.voters": f"{props.get('node.id', '1')}@127.0.0.1:"
                                         f"{self.controller_port}",
             "log.dirs": str(self.kraft_dir),
         })
+        if self.insecure:
+            for key in [k for k in props if k in SECURE_ONLY or k.startswith(("sasl.", "ssl."))]:
+                del props[key]
+            props.update(INSECURE_OVERRIDES)
+            return props
+        _, admin_pw = read_credentials(self.admin_credentials)
+        controller_pw = self._secrets()["controller_password"]
+        props.update({
+            "ssl.keystore.location": str(self.tls_dir / "broker.p12"),
+            "ssl.keystore.password": self._tls(),
+            "ssl.truststore.location": str(self.cafile),
+            "listener.name.controller.plain.sasl.jaas.config":
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="controller" password="{controller_pw}" '
+                f'user_controller="{controller_pw}";',
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                f'username="admin" password="{admin_pw}";',
+        })
         return props
 
     def _write_properties(self) -> None:
+        if not self.insecure and not self.admin_credentials.is_file():
+            if (self.kraft_dir / "meta.properties").is_file():
+                raise BrokerError(f"{self.data_dir} was formatted without an admin credential "
+                                  "(by --insecure or an older zerosum); remove that data dir, "
+                                  "or start with --insecure")
+            write_credentials(self.admin_credentials, "admin", new_password())
         lines = ["# Written by `zerosum broker start` from broker_config/server.properties."]
         lines += [f"{k}={v}" for k, v in self.effective_properties().items()]
-        self.props_path.write_text("\n".join(lines) + "\n")
+        write_private(self.props_path, "\n".join(lines) + "\n")  # it holds passwords
 
     def _java_cmd(self, libs: Path, main: str, *args: str) -> list[str]:
         cfg = broker_config_dir()
@@ -307,13 +405,20 @@ class LocalBroker:
     def _format_once(self, libs: Path) -> None:
         if (self.kraft_dir / "meta.properties").is_file():
             return
-        cmd = self._java_cmd(libs, "kafka.tools.StorageTool", "format", "--cluster-id",
-                             kafka_cluster_id(), "--config", str(self.props_path),
-                             "--ignore-formatted")
+        args = ["format", "--cluster-id", kafka_cluster_id(), "--config", str(self.props_path),
+                "--ignore-formatted"]
+        secret = None
+        if not self.insecure:  # the admin super-user exists from the first moment
+            user, secret = read_credentials(self.admin_credentials)
+            args += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={secret}]"]
+        cmd = self._java_cmd(libs, "kafka.tools.StorageTool", *args)
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
+            # the tool prints the credential records it writes: never pass them on
+            out = "\n".join(line for line in (res.stdout + res.stderr).strip().splitlines()
+                            if "SCRAM" not in line.upper() and (not secret or secret not in line))
             raise BrokerError(f"formatting Kafka storage in {self.kraft_dir} failed "
-                              f"(exit {res.returncode}): {(res.stdout + res.stderr).strip()}")
+                              f"(exit {res.returncode}): {out}")
 
     # -- commands ----------------------------------------------------------------------
     def start(self) -> StartResult:
@@ -321,7 +426,8 @@ class LocalBroker:
         with self._lock():
             current = self.running()
             if current is not None:
-                return StartResult(current.bootstrap, 0.0, already_running=True)
+                return StartResult(current.bootstrap, 0.0, already_running=True,
+                                   secure=current.secure)
             check_java()
             for name, p in (("--port", self.port), ("--controller-port", self.controller_port)):
                 if port_in_use(p):
@@ -340,16 +446,18 @@ class LocalBroker:
                     start_new_session=True, cwd=self.data_dir)
             finally:
                 console.close()
-            info = BrokerInfo(proc.pid, self.port, self.controller_port, time.time())
+            info = BrokerInfo(proc.pid, self.port, self.controller_port, time.time(),
+                              secure=not self.insecure)
             self.info_path.write_text(json.dumps(info.__dict__) + "\n")
             try:
-                self._wait_ready(proc, info.bootstrap)
+                self._wait_ready(proc, self.access(info))
             except BrokerError:
                 self._terminate(proc.pid)
                 raise
-            return StartResult(info.bootstrap, time.monotonic() - t0, already_running=False)
+            return StartResult(info.bootstrap, time.monotonic() - t0, already_running=False,
+                               secure=info.secure)
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], bootstrap: str) -> None:
+    def _wait_ready(self, proc: subprocess.Popen[bytes], bootstrap: KafkaAccess) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -407,7 +515,9 @@ class LocalBroker:
         if info is None:
             return None, f"not running (data dir {self.data_dir})"
         try:
-            n = asyncio.run(probe(info.bootstrap, timeout_s=3.0))
-            return info, f"running, pid {info.pid}, bootstrap {info.bootstrap}, {n} broker(s)"
+            n = asyncio.run(probe(self.access(info), timeout_s=3.0))
+            mode = "SASL_SSL" if info.secure else "PLAINTEXT (insecure)"
+            return info, (f"running, pid {info.pid}, bootstrap {info.bootstrap} ({mode}), "
+                          f"{n} broker(s)")
         except BrokerError as exc:
             return info, f"process {info.pid} is alive but not answering: {exc}"

@@ -18,6 +18,7 @@ from agents.broker import (
     default_data_dir,
 )
 from agents.config import ConfigError, PartyConfig, load_party
+from agents.security import KafkaAccess
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -26,18 +27,78 @@ class CliError(Exception):
     """A user-facing error: printed as `zerosum: error: ...`, exit status 2."""
 
 
+INSECURE_WARNING = ("zerosum: WARNING: --insecure: plaintext Kafka, no TLS, no credentials, no "
+                    "ACLs: anyone who reaches the port reads every inbox and writes anywhere. "
+                    "For experiments only.")
+
+
 def _broker(args: argparse.Namespace) -> LocalBroker:
-    return LocalBroker(args.data_dir, port=args.port, controller_port=args.controller_port)
+    return LocalBroker(args.data_dir, port=args.port, controller_port=args.controller_port,
+                       insecure=getattr(args, "insecure", False),
+                       tls_dir=getattr(args, "tls", None))
 
 
 def cmd_broker_start(args: argparse.Namespace) -> int:
     broker = _broker(args)
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
     res = broker.start()
+    mode = "SASL_SSL" if res.secure else "PLAINTEXT (insecure)"
     if res.already_running:
-        print(f"Kafka is already running at {res.bootstrap} (data dir {broker.data_dir})")
+        print(f"Kafka is already running at {res.bootstrap}, {mode} (data dir {broker.data_dir})")
     else:
-        print(f"Kafka {KAFKA_VERSION} is up at {res.bootstrap} after {res.seconds:.1f} s "
+        print(f"Kafka {KAFKA_VERSION} is up at {res.bootstrap}, {mode}, after {res.seconds:.1f} s "
               f"(data dir {broker.data_dir}, logs {broker.log_dir})")
+    if res.secure:
+        print(f"clients trust {broker.cafile}; the admin super-user's credential is "
+              f"{broker.admin_credentials}")
+    return 0
+
+
+def _admin_access(args: argparse.Namespace, bootstrap: str) -> KafkaAccess:
+    """The admin super-user: --admin-user with --admin-password-env, --admin-credentials, or
+    the credential of the local broker's data dir."""
+    from agents.security import KafkaAccess, SecurityError, read_credentials
+
+    try:
+        if args.admin_user:
+            password = os.environ.get(args.admin_password_env or "")
+            if not password:
+                raise CliError("--admin-user needs --admin-password-env naming a set variable")
+            user = args.admin_user
+        else:
+            creds = args.admin_credentials or LocalBroker(args.data_dir).admin_credentials
+            user, password = read_credentials(creds)
+    except SecurityError as exc:
+        raise CliError(str(exc)) from exc
+    ca = args.ca or (args.config.parent / "tls" / "ca.pem")
+    return KafkaAccess(bootstrap, user, password, ca.resolve())
+
+
+def cmd_broker_acl(args: argparse.Namespace) -> int:
+    from agents.config import load_consortium
+    from agents.kafka_admin import AdminError, provision, revoke
+    from agents.security import SecurityError
+
+    try:
+        consortium = load_consortium(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP") or consortium.bootstrap
+    admin = _admin_access(args, bootstrap)
+    try:
+        if args.revoke:
+            for party in args.revoke:
+                n = revoke(admin, consortium.id, party, user=not args.no_users)
+                print(f"revoked {party}: {n} ACLs deleted" +
+                      ("" if args.no_users else ", SCRAM user deleted") + "; its topic is kept")
+            return 0
+        created = provision(admin, consortium, args.party or None, users=not args.no_users)
+    except (AdminError, SecurityError) as exc:
+        raise CliError(str(exc)) from exc
+    print(f"{consortium.id} on {bootstrap}: {len(created)} topics created, "
+          f"{len(args.party or consortium.registry)} parties and the auditor have their "
+          "users and ACLs")
     return 0
 
 
@@ -63,6 +124,7 @@ def _add_broker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                     "127.0.0.1. Its jars are fetched once from Maven Central with Maven into "
                     "~/.cache/zerosum (ZEROSUM_CACHE_DIR) and run with Java 17 or newer.")
     bsub = p.add_subparsers(dest="broker_cmd", required=True, metavar="{start,stop,status}")
+    bsub.metavar = "{start,stop,status,acl}"
     for name, fn, text in (
         ("start", cmd_broker_start, "start the broker in the background and wait until it "
                                     "answers; prints the bootstrap address and start-up time"),
@@ -77,7 +139,38 @@ def _add_broker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                        help="client port on 127.0.0.1 (default: %(default)s)")
         q.add_argument("--controller-port", type=int, default=DEFAULT_CONTROLLER_PORT,
                        help="KRaft controller port on 127.0.0.1 (default: %(default)s)")
+        if name == "start":
+            q.add_argument("--insecure", action="store_true",
+                           help="plaintext listener without credentials or ACLs, as before "
+                                "(experiments only; says so on every start)")
+            q.add_argument("--tls", type=Path,
+                           help="a consortium's tls/ from `zerosum init` (CA and broker "
+                                "certificate); default: the data dir's own, made once")
         q.set_defaults(func=fn)
+    a = bsub.add_parser(
+        "acl", help="create a consortium's topics, SCRAM users and ACLs (or revoke a party)",
+        description="The admin step on a secured broker, as its super-user: every inbox topic; "
+                    "one SCRAM-SHA-512 user per party (from keys/<party>.kafka) that may read "
+                    "its own inbox and consumer group and write the other inboxes; a read-only "
+                    "auditor. Idempotent: run it again after adding a party. --revoke deletes "
+                    "a party's ACLs and user at once; its topic stays for the audit.")
+    a.add_argument("--config", type=Path, required=True, help="consortium.toml")
+    a.add_argument("--party", action="append",
+                   help="only this party (repeatable; default: every party)")
+    a.add_argument("--revoke", action="append", metavar="PARTY",
+                   help="take this party out: delete its ACLs and SCRAM user (repeatable)")
+    a.add_argument("--no-users", action="store_true",
+                   help="ACLs and topics only: the cluster's team manages SCRAM users")
+    a.add_argument("--bootstrap", help="default: KAFKA_BOOTSTRAP, or the consortium's")
+    a.add_argument("--ca", type=Path, help="CA to trust (default: tls/ca.pem beside --config)")
+    a.add_argument("--admin-credentials", type=Path,
+                   help="the super-user's credential file (default: the local broker's, in "
+                        "--data-dir)")
+    a.add_argument("--admin-user", help="the super-user's name, with --admin-password-env")
+    a.add_argument("--admin-password-env", help="environment variable holding its password")
+    a.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help="the local broker's data dir (default: %(default)s)")
+    a.set_defaults(func=cmd_broker_acl)
 
 
 def _party(path: Path) -> PartyConfig:
@@ -94,10 +187,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     kem = KemKind.MLKEM768_X25519 if args.kem == "mlkem768-x25519" else KemKind.X25519
     try:
         consortium = args.consortium or f"zs-{os.urandom(4).hex()}"
+        if args.insecure:
+            print(INSECURE_WARNING, file=sys.stderr)
         files = init_consortium(args.dir, institutions=args.institutions,
                                 customers=args.customers, bootstrap=args.bootstrap,
                                 consortium=consortium, kem=kem,
-                                keep_existing=args.keep_existing)
+                                keep_existing=args.keep_existing, insecure=args.insecure,
+                                ca=args.ca)
     except (ValueError, FileExistsError) as exc:
         raise CliError(str(exc)) from exc
     print(f"consortium in {args.dir.resolve()}: " + ", ".join(f.name for f in files))
@@ -174,6 +270,11 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="HPKE key encapsulation (default: x25519)")
     p.add_argument("--keep-existing", action="store_true",
                    help="leave an existing consortium in DIR as it is instead of failing")
+    p.add_argument("--ca", type=Path,
+                   help="trust this CA (an existing broker's or cluster's) instead of making a "
+                        "consortium CA and broker certificate in DIR/tls")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS, no credentials: for a broker started with --insecure")
     p.set_defaults(func=cmd_init)
     for name, text in (("coordinator", "run the coordinator agent until SIGTERM/SIGINT"),
                        ("institution", "run an institution agent until SIGTERM/SIGINT")):
@@ -227,6 +328,9 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     a.add_argument("--since", help="start at this time: ISO 8601 (UTC) or epoch ms")
     a.add_argument("--json", type=Path, help="also write the report as JSON")
     a.add_argument("--html", type=Path, help="also write an HTML report with a timeline")
+    a.add_argument("--credentials", type=Path,
+                   help="the auditor's Kafka credential on a secured broker "
+                        "(default: keys/auditor.kafka beside consortium.toml)")
     a.set_defaults(func=cmd_audit)
     b = sub.add_parser("bench", help="measure zerosum against the transport floor and Paillier",
                        description="Run the benchmark scenarios on the real broker and print "
@@ -249,7 +353,10 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="(default: %(default)s)")
     b.add_argument("--json", type=Path, help="write every figure as JSON")
     b.add_argument("--plot", type=Path, help="write the scaling chart (PNG); adds scaling")
-    b.add_argument("--bootstrap", help="use this broker instead of the embedded one")
+    b.add_argument("--bootstrap", help="use this plaintext broker instead of the embedded one")
+    b.add_argument("--compare-plaintext", action="store_true",
+                   help="run large and small again on a second, --insecure broker and report "
+                        "secure beside plaintext (results['security'])")
     b.add_argument("--data-dir", type=Path, default=default_data_dir(),
                    help="embedded broker data dir (default: %(default)s)")
     b.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
@@ -276,7 +383,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         since = parse_since(args.since) if args.since else None
     except (ConfigError, ValueError) as exc:
         raise CliError(str(exc)) from exc
-    run = asyncio.run(read_and_audit(consortium, bootstrap,
+    from agents.kafka_admin import credential_path
+    from agents.security import AUDITOR, SecurityError, load_access
+
+    try:  # the auditor's principal reads every inbox (a party's own may read only its own)
+        access = load_access(bootstrap, consortium.path, credentials=args.credentials or
+                             credential_path(consortium, AUDITOR))
+    except SecurityError as exc:
+        raise CliError(str(exc)) from exc
+    run = asyncio.run(read_and_audit(consortium, access,
                                      key=cfg.keys if cfg else None, since_ms=since))
     print(render_table(run))
     write_outputs(run, f"zerosum {consortium.id}", args.json, args.html)
@@ -297,7 +412,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       small=args.small_rounds, paillier_customers=args.paillier_customers,
                       json_out=args.json, plot_out=args.plot, bootstrap=args.bootstrap,
                       data_dir=args.data_dir, port=args.port,
-                      controller_port=args.controller_port)
+                      controller_port=args.controller_port,
+                      compare_plaintext=args.compare_plaintext)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agents.security import KafkaAccess, SecurityError, load_access
 from protocol.envelope import KemKind, PrivateParty, PublicParty, private_party, public_party
 from protocol.fixedpoint import AttributeSpec, parse_decimal
 from protocol.messages import MAX_QUERY, check_party
@@ -186,6 +187,7 @@ class PartyConfig:
     log_format: str
     consortium_key: bytes | None  # institutions only
     data: Path | None  # institutions only
+    kafka: KafkaAccess  # bootstrap and, in secure mode, the party's SCRAM credential
 
     @property
     def is_coordinator(self) -> bool:
@@ -248,5 +250,9 @@ def load_party(path: Path) -> PartyConfig:
     if log_format not in ("text", "json"):
         raise ConfigError(f"{w}: log_format must be 'text' or 'json'")
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP") or raw.get("bootstrap") or consortium.bootstrap
+    try:
+        kafka = load_access(str(bootstrap), consortium.path, party_path=path)
+    except SecurityError as exc:
+        raise ConfigError(str(exc)) from exc
     return PartyConfig(path, party, consortium, keys, rel("state_dir"), str(bootstrap),
-                       log_format, ckey, data)
+                       log_format, ckey, data, kafka)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agents.broker import LocalBroker
 from agents.config import load_party
-from agents.init import init_consortium
+from agents.kafka_admin import init_on_broker
 from agents.run import agents_in_process, setup_logging
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
@@ -97,8 +97,8 @@ def run_demo(*, institutions: int, customers: int, rounds: int, data_dir: Path, 
                                               else f", started in {started.seconds:.1f} s"))
     directory = Path(tempfile.mkdtemp(prefix="zerosum-demo-"))
     try:
-        init_consortium(directory, institutions=institutions, customers=customers,
-                        bootstrap=started.bootstrap, consortium=f"demo-{os.urandom(4).hex()}")
+        init_on_broker(directory, broker.access(broker.running()), institutions=institutions,
+                       customers=customers, consortium=f"demo-{os.urandom(4).hex()}")
         print(f"consortium of {institutions} institutions x {customers} customers in "
               f"{directory}")
         configs = [c for c in sorted(directory.glob("*.toml")) if c.name != "consortium.toml"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agents.config import topic_for
+from agents.security import write_consortium_security
 from protocol.envelope import KemKind, kem_keys
 from protocol.fixedpoint import AttributeSpec
 
@@ -58,8 +59,13 @@ def sample_rows(rng: random.Random, customers: int, universe: int,
 def init_consortium(directory: Path, *, institutions: int, customers: int, bootstrap: str,
                     consortium: str = "demo", kem: KemKind = KemKind.X25519,
                     keep_existing: bool = False,
-                    attributes: tuple[AttributeSpec, ...] = DEFAULT_ATTRIBUTES) -> list[Path]:
+                    attributes: tuple[AttributeSpec, ...] = DEFAULT_ATTRIBUTES,
+                    insecure: bool = False, ca: Path | None = None) -> list[Path]:
     """Write consortium.toml, coordinator.toml, bank-N.toml, keys/ and data/ under directory.
+
+    Kafka security (`agents.security.write_consortium_security`): tls/ and one SCRAM credential
+    per party, unless `insecure`; `ca` is the CA of an existing broker to trust instead of a new
+    consortium CA.
 
     Returns the party config files. Refuses to overwrite an existing consortium unless
     `keep_existing`, in which case an existing one is left as it is.
@@ -88,6 +94,10 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
     for a in attributes:
         parts.append(f'[[attributes]]\nname = "{a.name}"\nscale = {a.scale}\n'
                      f'min = "{a.format(a.min)}"\nmax = "{a.format(a.max)}"\n')
+    kafka, party_kafka = write_consortium_security(directory, consortium,
+                                                   ["coordinator", *names], insecure=insecure,
+                                                   ca=ca)
+    parts.insert(1, kafka)
     parts.append(_party_keys(directory, "coordinator", kem))
     ckey = os.urandom(32).hex()
     rng = random.Random()
@@ -107,13 +117,14 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
     configs = [directory / "coordinator.toml"]
     configs[0].write_text('party = "coordinator"\nconsortium = "consortium.toml"\n'
                           'private_key = "keys/coordinator/coordinator.key"\n'
-                          'state_dir = "state/coordinator"\nlog_format = "text"\n')
+                          'state_dir = "state/coordinator"\nlog_format = "text"\n'
+                          + party_kafka["coordinator"])
     for name in names:
         p = directory / f"{name}.toml"
         p.write_text(f'party = "{name}"\nconsortium = "consortium.toml"\n'
                      f'private_key = "keys/{name}/{name}.key"\n'
                      f'consortium_key = "keys/{name}/consortium.key"\n'
                      f'data = "data/{name}.csv"\nstate_dir = "state/{name}"\n'
-                     'log_format = "text"\n')
+                     'log_format = "text"\n' + party_kafka[name])
         configs.append(p)
     return configs

@@ -10,18 +10,32 @@ from pathlib import Path
 import pytest
 
 from agents.broker import BrokerError, LocalBroker, free_port, probe
+from agents.security import KafkaAccess, SecurityError, read_credentials
+
+
+def _given_broker(bootstrap: str) -> KafkaAccess:
+    """`KAFKA_BOOTSTRAP`, with `KAFKA_ADMIN_CREDENTIALS` (a super-user's credential file) and
+    `KAFKA_CA` for a secured broker; plaintext without them."""
+    creds = os.environ.get("KAFKA_ADMIN_CREDENTIALS")
+    if not creds:
+        return KafkaAccess(bootstrap)
+    user, password = read_credentials(Path(creds))
+    ca = os.environ.get("KAFKA_CA")
+    return KafkaAccess(bootstrap, user, password, Path(ca) if ca else None)
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Bootstrap address of a real Kafka broker: `KAFKA_BOOTSTRAP`, or a local one started here."""
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaAccess]:
+    """The admin super-user's access to a real Kafka broker: `KAFKA_BOOTSTRAP`, or a local one
+    started here, secured (SASL_SSL, SCRAM-SHA-512, ACLs) like `zerosum broker start`."""
     given = os.environ.get("KAFKA_BOOTSTRAP")
     if given:
         try:
-            asyncio.run(probe(given, timeout_s=10.0))
-        except BrokerError as exc:
+            access = _given_broker(given)
+            asyncio.run(probe(access, timeout_s=10.0))
+        except (BrokerError, SecurityError) as exc:
             pytest.fail(f"KAFKA_BOOTSTRAP={given} is set but unusable: {exc}", pytrace=False)
-        yield given
+        yield access
         return
     broker = LocalBroker(Path(tmp_path_factory.mktemp("kafka")), port=free_port(),
                          controller_port=free_port())
@@ -29,9 +43,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         started = broker.start()
     except BrokerError as exc:
         pytest.fail(f"the local Kafka broker could not start: {exc}", pytrace=False)
-    print(f"\nlocal Kafka at {started.bootstrap}, up in {started.seconds:.1f} s")
+    print(f"\nlocal Kafka (SASL_SSL) at {started.bootstrap}, up in {started.seconds:.1f} s")
     try:
-        yield started.bootstrap
+        yield broker.access()
     finally:
         broker.stop()
 

@@ -7,7 +7,6 @@ import contextlib
 import csv
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -17,22 +16,17 @@ import pytest
 from agents.agent import Agent, read_to_end
 from agents.config import load_party
 from agents.demo import plaintext
-from agents.init import init_consortium
 from agents.run import agents_in_process, party_configs
+from agents.security import KafkaAccess
 from protocol.errors import AbortReason
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
 from protocol.tokens import normalise_id, tokenize, tokens_to_bytes
+from tests.kafka_util import make_consortium
 
 pytestmark = pytest.mark.kafka
 ATTRS = ("balance", "overdue_days")
 
-
-def make_consortium(tmp: Path, bootstrap: str, n: int, customers: int = 300) -> Path:
-    d = tmp / "consortium"
-    init_consortium(d, institutions=n, customers=customers, bootstrap=bootstrap,
-                    consortium=f"t{uuid.uuid4().hex[:10]}")
-    return d
 
 
 @contextlib.asynccontextmanager
@@ -77,7 +71,7 @@ async def submit(agent: Agent, ids: list[str], scope: Scope = Scope.INTERSECTION
 
 
 @pytest.mark.parametrize("n", [2, 3, 7])
-async def test_rounds_equal_plaintext_totals(kafka_bootstrap: str, tmp_path: Path,
+async def test_rounds_equal_plaintext_totals(kafka_bootstrap: KafkaAccess, tmp_path: Path,
                                              n: int) -> None:
     d = make_consortium(tmp_path, kafka_bootstrap, n)
     ids = query_ids(d)
@@ -91,7 +85,7 @@ async def test_rounds_equal_plaintext_totals(kafka_bootstrap: str, tmp_path: Pat
                 assert rows + out.withheld == len(ids)
 
 
-async def test_50_consecutive_and_20_concurrent_rounds(kafka_bootstrap: str,
+async def test_50_consecutive_and_20_concurrent_rounds(kafka_bootstrap: KafkaAccess,
                                                        tmp_path: Path) -> None:
     d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=200)
     ids = query_ids(d, 100)
@@ -106,7 +100,7 @@ async def test_50_consecutive_and_20_concurrent_rounds(kafka_bootstrap: str,
         assert agents["coordinator"].stats.aborted == 0
 
 
-async def test_a_silent_institution_times_out_by_name(kafka_bootstrap: str,
+async def test_a_silent_institution_times_out_by_name(kafka_bootstrap: KafkaAccess,
                                                       tmp_path: Path) -> None:
     d = make_consortium(tmp_path, kafka_bootstrap, 3)
     async with running(d, skip=("bank-3",)) as agents:
@@ -116,7 +110,7 @@ async def test_a_silent_institution_times_out_by_name(kafka_bootstrap: str,
         assert "bank-3" in out.culprits
 
 
-async def test_raw_topics_hold_no_plaintext(kafka_bootstrap: str, tmp_path: Path) -> None:
+async def test_raw_topics_hold_no_plaintext(kafka_bootstrap: KafkaAccess, tmp_path: Path) -> None:
     d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=150)
     ids = query_ids(d, 150)
     async with running(d) as agents:
@@ -135,7 +129,7 @@ async def test_raw_topics_hold_no_plaintext(kafka_bootstrap: str, tmp_path: Path
     assert leaks == []
 
 
-async def test_round_cli_prints_totals_and_reports_aborts(kafka_bootstrap: str,
+async def test_round_cli_prints_totals_and_reports_aborts(kafka_bootstrap: KafkaAccess,
                                                           tmp_path: Path) -> None:
     d = make_consortium(tmp_path, kafka_bootstrap, 3)
     ids = query_ids(d, 50)
@@ -174,7 +168,7 @@ async def test_round_cli_prints_totals_and_reports_aborts(kafka_bootstrap: str,
             assert reason in stderr.decode(), stderr.decode()
 
 
-async def test_restarting_an_institution_mid_stream(kafka_bootstrap: str,
+async def test_restarting_an_institution_mid_stream(kafka_bootstrap: KafkaAccess,
                                                     tmp_path: Path) -> None:
     """Stop bank-2 while rounds stream; restart it: every round ends correct or aborted."""
     d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=200)
@@ -214,7 +208,7 @@ async def test_restarting_an_institution_mid_stream(kafka_bootstrap: str,
 
 
 async def test_a_round_of_200000_customers_by_4_attributes_chunked(
-        kafka_bootstrap: str, tmp_path: Path) -> None:
+        kafka_bootstrap: KafkaAccess, tmp_path: Path) -> None:
     from protocol.envelope import CHUNK_BYTES
     from protocol.fixedpoint import AttributeSpec
 
@@ -223,9 +217,7 @@ async def test_a_round_of_200000_customers_by_4_attributes_chunked(
              AttributeSpec("overdue_days", 0, 0, 36_500),
              AttributeSpec("rate", 4, -10**6, 10**6))
     names = tuple(s.name for s in specs)
-    d = tmp_path / "big"
-    init_consortium(d, institutions=3, customers=200_000, bootstrap=kafka_bootstrap,
-                    consortium=f"big{uuid.uuid4().hex[:8]}", attributes=specs)
+    d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=200_000, attributes=specs)
     ids = [f"CUST-{i:08d}" for i in range(0, 400_000, 2)]  # 200,000 customers asked
     async with running(d) as agents:
         b1 = agents["bank-1"]
@@ -266,7 +258,7 @@ async def _start_process(config: Path) -> asyncio.subprocess.Process:
     return proc
 
 
-async def test_sigterm_to_an_institution_process_mid_stream(kafka_bootstrap: str,
+async def test_sigterm_to_an_institution_process_mid_stream(kafka_bootstrap: KafkaAccess,
                                                             tmp_path: Path) -> None:
     import signal
 

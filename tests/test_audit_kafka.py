@@ -16,18 +16,20 @@ from agents.audit import AuditRun, read_and_audit
 from agents.cli import main
 from agents.config import load_consortium, load_party
 from agents.outbox import Outbox
+from agents.security import KafkaAccess
 from protocol.driver import keys_for
 from protocol.envelope import Chain, Header, seal
 from protocol.machine import Ended, Outcome
 from protocol.messages import MessageKind, Scope
 from protocol.tokens import tokenize
-from tests.kafka_util import produce
-from tests.test_agents_kafka import ATTRS, make_consortium, query_ids, running
+from tests.kafka_util import make_consortium, party_access, produce
+from tests.test_agents_kafka import ATTRS, query_ids, running
 
 pytestmark = pytest.mark.kafka
 
 
-async def _history(tmp: Path, bootstrap: str, rounds: int, aborted: int) -> tuple[Path, float]:
+async def _history(tmp: Path, bootstrap: KafkaAccess, rounds: int,
+                   aborted: int) -> tuple[Path, float]:
     d = make_consortium(tmp, bootstrap, 3, customers=100)
     ids = query_ids(d, 60)
     t0 = time.monotonic()
@@ -52,14 +54,15 @@ async def _history(tmp: Path, bootstrap: str, rounds: int, aborted: int) -> tupl
     return d, time.monotonic() - t0
 
 
-async def _audit(d: Path, bootstrap: str, party: str | None = None) -> AuditRun:
+async def _audit(d: Path, bootstrap: KafkaAccess, party: str | None = None) -> AuditRun:
+    auditor = party_access(d, bootstrap, "auditor")  # reads every inbox, writes none
     if party is None:
-        return await read_and_audit(load_consortium(d / "consortium.toml"), bootstrap)
+        return await read_and_audit(load_consortium(d / "consortium.toml"), auditor)
     cfg = load_party(d / f"{party}.toml")
-    return await read_and_audit(cfg.consortium, bootstrap, key=cfg.keys)
+    return await read_and_audit(cfg.consortium, auditor, key=cfg.keys)
 
 
-async def test_200_rounds_some_aborted_pass_every_audit(kafka_bootstrap: str,
+async def test_200_rounds_some_aborted_pass_every_audit(kafka_bootstrap: KafkaAccess,
                                                         tmp_path: Path) -> None:
     d, ran = await _history(tmp_path, kafka_bootstrap, 200, 15)
     for party in (None, "coordinator", "bank-2"):
@@ -85,9 +88,9 @@ def _topic(d: Path, party: str) -> str:
     return load_consortium(d / "consortium.toml").registry[party].topic
 
 
-async def _read_one(bootstrap: str, topic: str, offset: int) -> bytes:
+async def _read_one(bootstrap: KafkaAccess, topic: str, offset: int) -> bytes:
     from aiokafka import AIOKafkaConsumer, TopicPartition
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    c = AIOKafkaConsumer(**bootstrap.aiokafka_kwargs(), enable_auto_commit=False)
     await c.start()
     try:
         tp = TopicPartition(topic, 0)
@@ -99,7 +102,7 @@ async def _read_one(bootstrap: str, topic: str, offset: int) -> bytes:
         await c.stop()
 
 
-async def _tampered(d: Path, bootstrap: str, topic: str, wire: bytes, check: str) -> None:
+async def _tampered(d: Path, bootstrap: KafkaAccess, topic: str, wire: bytes, check: str) -> None:
     [offset] = await produce(bootstrap, topic, [wire])
     run = await _audit(d, bootstrap)
     found = run.report.all_findings()
@@ -112,21 +115,21 @@ async def _tampered(d: Path, bootstrap: str, topic: str, wire: bytes, check: str
 
 
 @pytest.fixture
-async def history(kafka_bootstrap: str, tmp_path: Path) -> Path:
+async def history(kafka_bootstrap: KafkaAccess, tmp_path: Path) -> Path:
     d, _ = await _history(tmp_path, kafka_bootstrap, 4, 1)
     run = await _audit(d, kafka_bootstrap)
     assert run.report.ok
     return d
 
 
-async def test_a_modified_byte(kafka_bootstrap: str, history: Path) -> None:
+async def test_a_modified_byte(kafka_bootstrap: KafkaAccess, history: Path) -> None:
     topic = _topic(history, "coordinator")
     wire = bytearray(await _read_one(kafka_bootstrap, topic, 2))
     wire[len(wire) // 2] ^= 0x10
     await _tampered(history, kafka_bootstrap, topic, bytes(wire), "envelope")
 
 
-async def test_a_forged_sender(kafka_bootstrap: str, history: Path) -> None:
+async def test_a_forged_sender(kafka_bootstrap: KafkaAccess, history: Path) -> None:
     c = load_consortium(history / "consortium.toml")
     mallory, _ = keys_for("mallory", b"evil")
     forged = type(mallory)("bank-1", mallory.signing_key, mallory.kem, mallory.kem_key,
@@ -136,7 +139,7 @@ async def test_a_forged_sender(kafka_bootstrap: str, history: Path) -> None:
     await _tampered(history, kafka_bootstrap, _topic(history, "coordinator"), wire, "envelope")
 
 
-async def test_an_old_envelope_sent_again(kafka_bootstrap: str, history: Path) -> None:
+async def test_an_old_envelope_sent_again(kafka_bootstrap: KafkaAccess, history: Path) -> None:
     topic = _topic(history, "bank-2")
     wire = await _read_one(kafka_bootstrap, topic, 0)
     await _tampered(history, kafka_bootstrap, topic, wire, "replay")
@@ -147,7 +150,7 @@ def _sender(d: Path, party: str) -> tuple[object, Chain]:
     return cfg.keys, Outbox(cfg.state_dir).load_chain()
 
 
-async def test_an_injected_message_that_skips_a_sequence_number(kafka_bootstrap: str,
+async def test_an_injected_message_that_skips_a_sequence_number(kafka_bootstrap: KafkaAccess,
                                                                   history: Path) -> None:
     c = load_consortium(history / "consortium.toml")
     keys, chain = _sender(history, "bank-1")
@@ -157,7 +160,7 @@ async def test_an_injected_message_that_skips_a_sequence_number(kafka_bootstrap:
     await _tampered(history, kafka_bootstrap, _topic(history, "coordinator"), wire, "gap")
 
 
-async def test_two_envelopes_with_the_same_sequence_number(kafka_bootstrap: str,
+async def test_two_envelopes_with_the_same_sequence_number(kafka_bootstrap: KafkaAccess,
                                                            history: Path) -> None:
     topic = _topic(history, "coordinator")
     original = await _read_one(kafka_bootstrap, topic, 1)

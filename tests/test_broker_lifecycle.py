@@ -18,17 +18,18 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.broker import BrokerError, LocalBroker, free_port, read_properties
 from agents.cli import main
+from agents.security import KafkaAccess, read_credentials
 from tests.kafka_util import new_topic, produce
 
 pytestmark = pytest.mark.kafka
 
 
-async def _write(bootstrap: str, topic: str, values: list[bytes]) -> None:
+async def _write(bootstrap: KafkaAccess, topic: str, values: list[bytes]) -> None:
     await produce(bootstrap, await new_topic(bootstrap, topic), values)
 
 
-async def _read_all(bootstrap: str, topic: str, n: int) -> list[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+async def _read_all(bootstrap: KafkaAccess, topic: str, n: int) -> list[bytes]:
+    consumer = AIOKafkaConsumer(**bootstrap.aiokafka_kwargs(), enable_auto_commit=False)
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, 0)])
@@ -51,13 +52,15 @@ def test_restart_keeps_topics_and_messages(tmp_path: Path) -> None:
     first = broker.start()
     try:
         assert not first.already_running
-        asyncio.run(_write(first.bootstrap, topic, values))
+        assert first.secure
+        asyncio.run(_write(broker.access(), topic, values))
     finally:
         assert broker.stop()
     assert broker.running() is None
-    second = broker.start()
+    assert broker.start().secure
     try:
-        assert asyncio.run(_read_all(second.bootstrap, topic, 3)) == values
+        # the admin's SCRAM credential and the certificate outlive the restart
+        assert asyncio.run(_read_all(broker.access(), topic, 3)) == values
     finally:
         broker.stop()
 
@@ -110,11 +113,48 @@ def test_old_java_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         broker.start()
 
 
-def test_effective_properties_override_only_addresses_and_dirs(tmp_path: Path) -> None:
+def test_insecure_broker_is_plaintext_and_says_so(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["broker", "start", "--insecure", "--data-dir", str(tmp_path / "b"),
+            "--port", str(free_port()), "--controller-port", str(free_port())]
+    assert main(args) == 0
+    broker = LocalBroker(tmp_path / "b")
+    try:
+        out = capsys.readouterr()
+        assert "WARNING: --insecure" in out.err
+        assert "PLAINTEXT (insecure)" in out.out
+        info = broker.running()
+        assert info is not None
+        assert not info.secure
+        topic = f"plain-{uuid.uuid4().hex[:8]}"  # anyone may create, write and read
+        asyncio.run(_write(KafkaAccess(info.bootstrap), topic, [b"open"]))
+        assert asyncio.run(_read_all(KafkaAccess(info.bootstrap), topic, 1)) == [b"open"]
+    finally:
+        assert broker.stop()
+
+
+def test_secure_properties_carry_secrets_only_in_the_data_dir(tmp_path: Path) -> None:
     broker = LocalBroker(tmp_path / "b", port=12345, controller_port=12346)
+    broker._write_properties()
+    props = read_properties(broker.props_path)
+    assert props["listeners"] == "SASL_SSL://127.0.0.1:12345,CONTROLLER://127.0.0.1:12346"
+    assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+    _, admin_password = read_credentials(broker.admin_credentials)
+    assert admin_password in props["listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config"]
+    for private in (broker.props_path, broker.admin_credentials,
+                    broker.tls_dir / "broker.p12", broker.tls_dir / "ca.key"):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    assert "password" not in repr(broker.access())
+
+
+def test_effective_properties_override_only_addresses_and_dirs(tmp_path: Path) -> None:
+    broker = LocalBroker(tmp_path / "b", port=12345, controller_port=12346, insecure=True)
     props = broker.effective_properties()
     assert props["listeners"] == "PLAINTEXT://127.0.0.1:12345,CONTROLLER://127.0.0.1:12346"
     assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:12345"
+    assert "authorizer.class.name" not in props
+    assert not [k for k in props if k.startswith(("sasl.", "ssl."))]
     assert props["controller.quorum.voters"] == "1@127.0.0.1:12346"
     assert props["log.dirs"] == str(broker.kraft_dir)
     assert props["process.roles"] == "broker,controller"

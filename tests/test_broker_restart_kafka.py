@@ -14,17 +14,18 @@ from protocol.errors import AbortReason
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
 from protocol.tokens import tokenize
+from tests.kafka_util import make_consortium
 from tests.soak import BROKER_RESTARTS, COUNTERS
-from tests.test_agents_kafka import ATTRS, check, make_consortium, query_ids, running
+from tests.test_agents_kafka import ATTRS, check, query_ids, running
 
 pytestmark = pytest.mark.kafka
 
 
 async def test_broker_restart_mid_stream(tmp_path: Path) -> None:
     broker = LocalBroker(tmp_path / "broker", port=free_port(), controller_port=free_port())
-    started = await asyncio.to_thread(broker.start)
+    await asyncio.to_thread(broker.start)
     try:
-        d = make_consortium(tmp_path, started.bootstrap, 3, customers=150)
+        d = make_consortium(tmp_path, broker.access(), 3, customers=150)
         ids = query_ids(d, 60)
         results: list[Outcome | Ended | None] = []
         async with running(d) as agents:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from agents.broker import KAFKA_VERSION, broker_config_dir, read_properties
+from agents.broker import KAFKA_VERSION, SET_BY_START, broker_config_dir, read_properties
 from agents.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,8 @@ def _kafka_env() -> dict[str, str]:
 
 
 def _env_name(prop: str) -> str:
-    return "KAFKA_" + prop.upper().replace(".", "_")
+    """The apache/kafka image's naming: '_' -> '__', '-' -> '___', then '.' -> '_'."""
+    return "KAFKA_" + prop.upper().replace("_", "__").replace("-", "___").replace(".", "_")
 
 
 def test_broker_image_is_the_official_one_at_our_kafka_version() -> None:
@@ -48,14 +50,14 @@ def test_every_broker_setting_agrees_with_server_properties() -> None:
         name = _env_name(key)
         assert name in env, f"docker-compose.yml lacks {name} (server.properties has {key})"
         assert env[name] == value, f"{name}={env[name]!r} but server.properties has {value!r}"
-    known = {_env_name(k) for k in props}
-    extra = sorted(set(env) - known)
+    known = {_env_name(k) for k in [*props, *SET_BY_START]}
+    extra = sorted(n for n in set(env) - known if n.startswith("KAFKA_"))
     assert extra == [], f"compose sets broker options server.properties does not: {extra}"
 
 
 def test_addresses_are_consistent_inside_the_compose_network() -> None:
     env = _kafka_env()
-    assert env["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == "SASL_SSL://kafka:9092"
     node = env["KAFKA_NODE_ID"]
     assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{node}@kafka:9093"
 
@@ -64,9 +66,20 @@ def test_agent_commands_are_valid_zerosum_commands() -> None:
     parser = build_parser()
     services = _compose()["services"]
     agent_names = [n for n in services if n != "kafka"]
-    assert {"coordinator", "init"} <= set(agent_names)
+    assert {"coordinator", "init", "acl"} <= set(agent_names)
     assert sum(1 for n in agent_names if n.startswith("bank-")) == 3
     for name in agent_names:
         command = services[name]["command"]
         args = parser.parse_args(command)  # exits (fails the test) on an unknown command
         assert args.command == command[0], name
+
+
+def test_compose_sets_every_secret_that_broker_start_sets() -> None:
+    env = _kafka_env()
+    command = " ".join(_compose()["services"]["kafka"]["command"])  # reads files of /zerosum
+    for key in SET_BY_START:
+        assert _env_name(key) in env or f"export {_env_name(key)}=" in command, \
+            f"docker-compose.yml lacks {_env_name(key)} ({key})"
+    text = (ROOT / "docker-compose.yml").read_text()
+    literal = re.findall(r'password="?([^"$\s\]]+)', text)
+    assert literal == [], "a literal password in docker-compose.yml"

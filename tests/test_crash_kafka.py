@@ -18,11 +18,13 @@ from agents.bench import AgentProcess
 from agents.config import load_party
 from agents.demo import plaintext
 from agents.run import spool_request
+from agents.security import KafkaAccess
 from protocol.envelope import Header, digest
 from protocol.messages import MessageKind, Scope
 from protocol.tokens import normalise_id, tokenize
+from tests.kafka_util import make_consortium
 from tests.soak import COUNTERS, KILLS
-from tests.test_agents_kafka import make_consortium, query_ids
+from tests.test_agents_kafka import query_ids
 
 pytestmark = pytest.mark.kafka
 NAMES = ("coordinator", "bank-1", "bank-2", "bank-3")
@@ -46,7 +48,7 @@ async def _results(p: AgentProcess, results: Path, rounds: list[bytes]) -> None:
         await p.new_line.wait()
 
 
-async def test_kill_9_at_random_points_of_a_stream(kafka_bootstrap: str,
+async def test_kill_9_at_random_points_of_a_stream(kafka_bootstrap: KafkaAccess,
                                                    tmp_path: Path) -> None:
     d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=150)
     ids = query_ids(d, 60)

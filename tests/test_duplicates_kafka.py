@@ -11,19 +11,21 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from agents.security import KafkaAccess
 from protocol.machine import Outcome
 from protocol.messages import Scope
 from protocol.tokens import tokenize
+from tests.kafka_util import make_consortium
 from tests.soak import COUNTERS, DUPLICATE_ROUNDS
-from tests.test_agents_kafka import ATTRS, check, make_consortium, query_ids, running
+from tests.test_agents_kafka import ATTRS, check, query_ids, running
 
 pytestmark = pytest.mark.kafka
 
 
-async def _duplicate(bootstrap: str, topics: list[str], stop: asyncio.Event,
+async def _duplicate(bootstrap: KafkaAccess, topics: list[str], stop: asyncio.Event,
                      rng: random.Random) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+    consumer = AIOKafkaConsumer(**bootstrap.aiokafka_kwargs(), enable_auto_commit=False)
+    producer = AIOKafkaProducer(**bootstrap.aiokafka_kwargs(), acks="all",
                                 max_request_size=2 * 1024 * 1024)
     await consumer.start()
     await producer.start()
@@ -54,7 +56,7 @@ async def _duplicate(bootstrap: str, topics: list[str], stop: asyncio.Event,
     return copies
 
 
-async def test_duplicated_and_shuffled_deliveries_change_nothing(kafka_bootstrap: str,
+async def test_duplicated_and_shuffled_deliveries_change_nothing(kafka_bootstrap: KafkaAccess,
                                                                  tmp_path: Path) -> None:
     d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=150)
     ids = query_ids(d, 60)

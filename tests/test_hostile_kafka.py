@@ -13,6 +13,7 @@ import pytest
 
 from agents.agent import Agent, read_to_end
 from agents.config import load_party
+from agents.security import KafkaAccess
 from protocol.codec import encode
 from protocol.driver import keys_for
 from protocol.envelope import Chain, Header, seal
@@ -21,20 +22,20 @@ from protocol.machine import Ended, Outcome
 from protocol.messages import MessageKind, Scope
 from protocol.party import InstitutionParty
 from protocol.tokens import LocalTable, tokenize
-from tests.kafka_util import produce
+from tests.kafka_util import make_consortium, produce
 from tests.samples import junk_contribution
 from tests.soak import COUNTERS, FULL
-from tests.test_agents_kafka import ATTRS, check, make_consortium, query_ids, running
+from tests.test_agents_kafka import ATTRS, check, query_ids, running
 
 pytestmark = pytest.mark.kafka
 
 
-async def _records(bootstrap: str, topic: str) -> list[bytes]:
+async def _records(bootstrap: KafkaAccess, topic: str) -> list[bytes]:
     return [bytes(r.value) async for r in read_to_end(bootstrap, [topic])]
 
 
 async def test_hostile_envelopes_are_rejected_typed_and_agents_keep_running(
-        kafka_bootstrap: str, tmp_path: Path) -> None:
+        kafka_bootstrap: KafkaAccess, tmp_path: Path) -> None:
     d = make_consortium(tmp_path, kafka_bootstrap, 3)
     ids = query_ids(d, 80)
     async with running(d) as agents:
@@ -105,7 +106,7 @@ async def test_hostile_envelopes_are_rejected_typed_and_agents_keep_running(
         await honest()  # the agents kept running and still compute exact totals
 
 
-async def test_values_out_of_their_declared_range_abort_the_round(kafka_bootstrap: str,
+async def test_values_out_of_their_declared_range_abort_the_round(kafka_bootstrap: KafkaAccess,
                                                                   tmp_path: Path) -> None:
     """A member whose data breaks the declared bounds: the coordinator aborts, never publishes."""
     d = make_consortium(tmp_path, kafka_bootstrap, 3)
@@ -139,7 +140,7 @@ async def test_values_out_of_their_declared_range_abort_the_round(kafka_bootstra
         COUNTERS["hostile inputs tried"] += 1
 
 
-async def test_signed_hostile_bodies_on_kafka_stop_no_agent(kafka_bootstrap: str,
+async def test_signed_hostile_bodies_on_kafka_stop_no_agent(kafka_bootstrap: KafkaAccess,
                                                            tmp_path: Path) -> None:
     """Members' keys sign hostile bodies (the 2^63-column matrix among them) into every
     party's inbox; each agent rejects and commits past them, survives a restart without

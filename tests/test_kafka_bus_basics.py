@@ -7,16 +7,18 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agents.security import KafkaAccess
 from tests.kafka_util import new_topic, produce, take
 
 pytestmark = pytest.mark.kafka
 
-async def test_idempotent_producer_with_acks_all_appends_in_order(kafka_bootstrap: str) -> None:
+async def test_idempotent_producer_with_acks_all_appends_in_order(
+        kafka_bootstrap: KafkaAccess) -> None:
     topic = await new_topic(kafka_bootstrap)
     values = [f"v{i}".encode() for i in range(20)]
     offsets = await produce(kafka_bootstrap, topic, values)
     assert offsets == list(range(20))
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap,
+    consumer = AIOKafkaConsumer(topic, **kafka_bootstrap.aiokafka_kwargs(),
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     try:
@@ -25,14 +27,15 @@ async def test_idempotent_producer_with_acks_all_appends_in_order(kafka_bootstra
         await consumer.stop()
 
 
-async def test_group_with_manual_commit_resumes_where_it_committed(kafka_bootstrap: str) -> None:
+async def test_group_with_manual_commit_resumes_where_it_committed(
+        kafka_bootstrap: KafkaAccess) -> None:
     topic = await new_topic(kafka_bootstrap)
     values = [f"m{i}".encode() for i in range(10)]
     await produce(kafka_bootstrap, topic, values)
     group = f"g-{uuid.uuid4().hex[:8]}"
     tp = TopicPartition(topic, 0)
 
-    first = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=group,
+    first = AIOKafkaConsumer(topic, **kafka_bootstrap.aiokafka_kwargs(), group_id=group,
                              auto_offset_reset="earliest", enable_auto_commit=False)
     await first.start()
     try:
@@ -42,7 +45,7 @@ async def test_group_with_manual_commit_resumes_where_it_committed(kafka_bootstr
     finally:
         await first.stop()
 
-    second = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=group,
+    second = AIOKafkaConsumer(topic, **kafka_bootstrap.aiokafka_kwargs(), group_id=group,
                               auto_offset_reset="earliest", enable_auto_commit=False)
     await second.start()
     try:
@@ -52,11 +55,12 @@ async def test_group_with_manual_commit_resumes_where_it_committed(kafka_bootstr
         await second.stop()
 
 
-async def test_replay_from_the_beginning_with_seek_to_beginning(kafka_bootstrap: str) -> None:
+async def test_replay_from_the_beginning_with_seek_to_beginning(
+        kafka_bootstrap: KafkaAccess) -> None:
     topic = await new_topic(kafka_bootstrap)
     values = [f"r{i}".encode() for i in range(5)]
     await produce(kafka_bootstrap, topic, values)
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka_bootstrap.aiokafka_kwargs(), enable_auto_commit=False)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
