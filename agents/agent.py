@@ -36,7 +36,7 @@ from agents.ledger import RoundLedger
 from agents.outbox import Outbox
 from agents.security import KafkaAccess, as_access
 from protocol.envelope import digest
-from protocol.errors import HandlingFailed
+from protocol.errors import AbortReason, HandlingFailed
 from protocol.machine import Ended, Outcome, Published, SetTimer
 from protocol.messages import Scope
 from protocol.party import (
@@ -50,6 +50,7 @@ from protocol.party import (
 from protocol.tokens import Tokens, tokens_from_bytes, tokens_to_bytes
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
+SUBMIT_MARGIN_S = 30.0  # past a round's deadline, how long `submit` waits for the abort
 Clock = Callable[[], float]  # seconds since the epoch
 
 
@@ -382,7 +383,17 @@ class Agent:
                       round_id.hex(), query.size, len(participants), scope)
         if not wait:
             return None
-        return await fut
+        # bounded: a coordinator that drops the request (refused id, bad signature) never
+        # answers; the round's own deadline plus a margin ends the wait here
+        wait_s = max(deadline_ms / 1000 - self.clock(), 0) + SUBMIT_MARGIN_S
+        try:
+            async with asyncio.timeout(wait_s):
+                return await fut
+        except TimeoutError:
+            self.waiters.pop(round_id, None)
+            return Ended(round_id, AbortReason.TIMEOUT,
+                         f"no answer from the coordinator {wait_s:.0f} s after the request "
+                         "(it may have refused the request without a reply)", ())
 
     # -- events ------------------------------------------------------------------------------
     def _refresh_data(self) -> None:

@@ -218,11 +218,11 @@ class CoordinatorRound(RoundMachine):
         return self._maybe_finish()
 
     def _on_refusal(self, sender: str, msg: RoundAbort) -> list[Output]:
-        """A participant refuses. The culprits are its claim (the participants it names, or
-        itself), and the detail says who made it."""
-        named = tuple(c for c in msg.culprits if c in self.participants)
-        return self.abort(msg.reason, f"{sender} refused the round: {msg.detail}",
-                          named or (sender,))
+        """A participant refuses. The culprit is the refuser: whom it accuses is only its
+        claim, kept in the detail, so no member can get an honest party named."""
+        claim = f" (it names {', '.join(msg.culprits)})" if msg.culprits else ""
+        return self.abort(msg.reason, f"{sender} refused the round{claim}: {msg.detail}",
+                          (sender,))
 
     def _on_deadline(self, sender: str, _: Deadline) -> list[Output]:
         missing = self.missing()

@@ -130,11 +130,10 @@ class InstitutionRound(RoundMachine):
                                 AbortReason.INCONSISTENT, coord)
         # the consortium's floors, checked against this institution's own copy
         if problem := ctx.policy.problem(a.participants, a.min_holders, a.query_size):
-            return self._refuse(problem, AbortReason.POLICY, (a.requester, ctx.coordinator))
+            return self._refuse(problem, AbortReason.POLICY, (ctx.coordinator,))
         if ctx.guard is not None and ctx.policy.allow_subsets and (
                 problem := ctx.guard.problem(a.participants)):
-            return self._refuse(problem, AbortReason.DIFFERENCING,
-                                (a.requester, ctx.coordinator))
+            return self._refuse(problem, AbortReason.DIFFERENCING, (ctx.coordinator,))
         for spec in a.attributes:
             mine = ctx.attributes.get(spec.name)
             if mine != spec:

@@ -34,12 +34,20 @@ from protocol.errors import (
 )
 from protocol.institution import InstitutionContext, InstitutionRound
 from protocol.machine import Deadline, Output, RoundMachine, Send
-from protocol.messages import Message, RoundAbort, RoundRequest, RoundResult, Scope
+from protocol.messages import (
+    LeaderShare,
+    Message,
+    RoundAbort,
+    RoundRequest,
+    RoundResult,
+    Scope,
+)
 from protocol.policy import ConsortiumPolicy, DifferencingGuard
 from protocol.tokens import LocalTable, Tokens
 
 MAX_ROUNDS_KEPT = 100_000  # machines kept in memory; the ledger keeps every id forever
 MAX_EARLY_PER_SENDER = 64  # peers' messages kept until the coordinator opens their round
+MAX_EARLY_BYTES_PER_SENDER = 64 * 1024 * 1024
 NO_POSITION = -1
 
 
@@ -123,13 +131,13 @@ class _Party:
                 if delivery is None or delivery.sender == self.me.party_id:
                     return []  # parts still due, or our own receipt of a round's end
                 msg = self._decode(delivery)
-                outputs = self._route(delivery.sender, msg)
+                events = self._finish(self._route(delivery.sender, msg))
             except ZerosumError as exc:
                 return [*self._opened, Rejected(exc)]
             except Exception as exc:  # last resort: an input never stops the party
                 return [*self._opened, Rejected(HandlingFailed(
                     f"{type(exc).__name__} while handling an input: {exc}"[:1024]))]
-            return [*self._opened, *self._finish(outputs)]
+            return [*self._opened, *events]
         finally:
             self._position = NO_POSITION
 
@@ -276,13 +284,17 @@ class InstitutionParty(_Party):
             if msg.round_id in self.ledger:
                 raise ReplayedRound(f"{type(msg).__name__} for round {msg.round_id.hex()}, "
                                     "which has ended here", sender=sender)
+            if not isinstance(msg, LeaderShare):  # only a leader's share can be early
+                raise UnknownRound(f"{type(msg).__name__} for round {msg.round_id.hex()}, "
+                                   "which is not open here", sender=sender)
             early = self._early.setdefault(sender, deque())
             early.append((msg.round_id, msg))
-            if len(early) > MAX_EARLY_PER_SENDER:
+            held = sum(int(m.tokens.nbytes) for _, m in early if isinstance(m, LeaderShare))
+            if len(early) > MAX_EARLY_PER_SENDER or held > MAX_EARLY_BYTES_PER_SENDER:
                 rid, _ = early.popleft()
-                raise QuotaExceeded(f"{sender} has more than {MAX_EARLY_PER_SENDER} messages "
-                                    f"for rounds not open here; dropped one for {rid.hex()}",
-                                    sender=sender)
+                raise QuotaExceeded(f"{sender} has more early messages than its quota "
+                                    f"({MAX_EARLY_PER_SENDER}, {MAX_EARLY_BYTES_PER_SENDER} "
+                                    f"bytes); dropped one for {rid.hex()}", sender=sender)
             return []
         m = self._open(msg.round_id, InstitutionRound(msg.round_id, self._context()), sender)
         out = m.handle(sender, msg)

@@ -519,3 +519,25 @@ def test_assignment_self_check_uses_policy_of_institution() -> None:
                                                {s.name: s for s in SPECS}, min_holders=2))
     [end] = [o for o in m.handle(COORD, a) if isinstance(o, Ended)]
     assert end.reason is AbortReason.POLICY
+
+
+def test_a_refusal_cannot_get_an_honest_party_named() -> None:
+    """A member refuses 'because bank-a equivocated': the refuser is the culprit; whom it
+    accuses stays its claim, in the detail."""
+    t = transcript()
+    c = coordinator()
+    c.handle("bank-a", t.messages[RoundRequest][1])
+    lie = RoundAbort(RID, AbortReason.EQUIVOCATION, "bank-a sent two shares", ("bank-a",))
+    [end] = [o for o in c.handle("bank-c", lie) if isinstance(o, Ended)]
+    assert end.culprits == ("bank-c",)
+    assert "it names bank-a" in end.detail
+
+
+def test_only_a_leader_share_may_arrive_before_its_round() -> None:
+    world = make_world(3, universe=20, hold=1.0, query=10, seed=12)
+    net = world.net
+    stray = replace(transcript().contributions["bank-a"], round_id=os.urandom(16))
+    events = net.institutions["bank-1"].receive(_sealed(net, "bank-2", "bank-1", stray))
+    assert [type(e.error).__name__ for e in events if isinstance(e, Rejected)] == [
+        "UnknownRound"]
+    assert net.institutions["bank-1"]._early == {}
