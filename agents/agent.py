@@ -134,7 +134,8 @@ class Agent:
         self.log = log or logging.getLogger(f"zerosum.{cfg.party}")
         self.outbox = Outbox(cfg.state_dir)
         self.ledger = RoundLedger(cfg.state_dir)
-        self._opened: list[tuple[bytes, int]] = []  # ledger entries to persist before a send
+        # ledger entries to persist before a send: (round id, inbox offset, envelope digest)
+        self._opened: list[tuple[bytes, int, bytes]] = []
         self.stats = Stats()
         self.timers: dict[bytes, int] = {}
         self.waiters: dict[bytes, asyncio.Future[Outcome | Ended]] = {}
@@ -406,7 +407,7 @@ class Agent:
                 if not self._replaying:
                     self._pending.append(e)
             elif isinstance(e, RoundOpened):
-                self._opened.append((e.round_id, e.position))
+                self._opened.append((e.round_id, e.position, e.envelope))
             elif isinstance(e, SetTimer):
                 self.timers[e.round_id] = e.at_ms
                 self._timers_changed.set()

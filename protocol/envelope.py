@@ -321,6 +321,7 @@ class Delivery:
     kind: MessageKind
     body: bytes
     first_seq: int
+    digest: bytes = b""  # of the envelope that completed the message
 
 
 class Inbox:
@@ -350,8 +351,8 @@ class Inbox:
         self._check_sequence(h, v)
         chunk = open_sealed(self.me, v)
         if h.parts == 1:
-            return Delivery(h.sender, h.round_id, h.kind, unpad(chunk), h.seq)
-        return self._reassemble(h, chunk)
+            return Delivery(h.sender, h.round_id, h.kind, unpad(chunk), h.seq, v.digest)
+        return self._reassemble(h, chunk, v.digest)
 
     def _check_sequence(self, h: Header, v: Verified) -> None:
         st = self._senders.setdefault(h.sender, _SenderState())
@@ -378,7 +379,7 @@ class Inbox:
         while len(st.seen) > SEQ_WINDOW:
             st.seen.popitem(last=False)
 
-    def _reassemble(self, h: Header, chunk: bytes) -> Delivery | None:
+    def _reassemble(self, h: Header, chunk: bytes, last: bytes) -> Delivery | None:
         """Collect the parts of a chunked message. Each sender has a quota: at most
         `MAX_PARTIALS_PER_SENDER` unfinished messages and `max_body_bytes` buffered, and an
         unfinished message expires once the sender is `PARTIAL_EXPIRY_SEQ` envelopes past it."""
@@ -408,7 +409,7 @@ class Inbox:
             return None
         self._drop(key)
         body = unpad(b"".join(parts[i][1] for i in range(h.parts)))
-        return Delivery(h.sender, h.round_id, h.kind, body, first)
+        return Delivery(h.sender, h.round_id, h.kind, body, first, last)
 
     def _drop(self, key: tuple[str, int]) -> None:
         parts = self._parts.pop(key, {})

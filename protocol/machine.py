@@ -109,8 +109,9 @@ class RoundMachine:
     def __init__(self, round_id: bytes, initial: Any) -> None:
         self.round_id = round_id
         self.state = initial
-        # (sender, the message taken first or None once released, the conflicting one)
-        self.evidence: list[tuple[str, Message | None, Message]] = []
+        # (sender, digest of the message taken first, digest of the conflicting one): digests,
+        # not messages, so that equivocation cannot pin memory; the topics hold the messages
+        self.evidence: list[tuple[str, bytes, bytes]] = []
         # content digests for duplicate checks outlive the messages, which release() drops
         self._seen: dict[tuple[str, MessageKind], bytes] = {}
         self._messages: dict[tuple[str, MessageKind], Message] = {}
@@ -139,7 +140,7 @@ class RoundMachine:
                     return []
                 if self.state in self.TERMINAL:
                     raise RoundClosed(f"round {self.round_id.hex()} has ended")
-                self.evidence.append((sender, self._messages.get(key), inp))
+                self.evidence.append((sender, prior, digest))
                 return self.abort(AbortReason.EQUIVOCATION,
                                   f"{sender} sent two different {inp.KIND.name}", (sender,))
         if self.state in self.TERMINAL:

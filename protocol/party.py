@@ -7,9 +7,10 @@ the typed error (a last-resort guard turns anything unforeseen into `HandlingFai
 agent logs it, counts it and carries on.
 
 Round ids are unique forever: `ledger` maps every round id this party ever opened to the inbox
-position of the input that opened it (`RoundOpened` tells the agent to persist it). Opening a
+position and the digest of the envelope that opened it (`RoundOpened` tells the agent to
+persist it). Opening a
 known id again is refused (`ReplayedRound`) unless it is the very same input replayed from the
-same position, which is how an agent rebuilds its state after a restart.
+same position (same envelope), which is how an agent rebuilds its state after a restart.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ MAX_ROUNDS_KEPT = 100_000  # machines kept in memory; the ledger keeps every id 
 MAX_EARLY_PER_SENDER = 64  # peers' messages kept until the coordinator opens their round
 MAX_EARLY_BYTES_PER_SENDER = 64 * 1024 * 1024
 NO_POSITION = -1
+LEDGER_DIGEST_BYTES = 8
 
 
 class Keyring:
@@ -74,11 +76,12 @@ class Keyring:
 
 @dataclass(frozen=True)
 class RoundOpened:
-    """A new round id entered the ledger at inbox `position`: persist it before the outputs
-    of the same input are sent."""
+    """A new round id entered the ledger at inbox `position`, opened by the envelope whose
+    digest starts with `envelope`: persist it before the outputs of the same input are sent."""
 
     round_id: bytes
     position: int
+    envelope: bytes
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,10 @@ class _Party:
         self.inbox = Inbox(me, registry, consortium, max_body_bytes=max_body_bytes)
         self.keyring = Keyring(me, registry)
         self.rounds: OrderedDict[bytes, RoundMachine] = OrderedDict()
-        self.ledger: dict[bytes, int] = {}
+        self.ledger: dict[bytes, tuple[int, bytes]] = {}  # id -> (position, envelope digest)
         self.sealing = True  # False while an agent replays inputs whose outputs were sent
         self._position = NO_POSITION
+        self._envelope = b""
         self._opened: list[RoundOpened] = []
 
     # -- in --------------------------------------------------------------------------------
@@ -124,12 +128,14 @@ class _Party:
         Never raises for anything a peer could have sent: every error is a `Rejected` event.
         """
         self._position = position
+        self._envelope = b""
         self._opened = []
         try:
             try:
                 delivery = self.inbox.receive(wire)
                 if delivery is None or delivery.sender == self.me.party_id:
                     return []  # parts still due, or our own receipt of a round's end
+                self._envelope = delivery.digest[:LEDGER_DIGEST_BYTES]
                 msg = self._decode(delivery)
                 events = self._finish(self._route(delivery.sender, msg))
             except ZerosumError as exc:
@@ -144,12 +150,13 @@ class _Party:
     def _open(self, round_id: bytes, machine: RoundMachine, sender: str) -> RoundMachine:
         """Enter a new round in the ledger, or refuse an id that was used before."""
         known = self.ledger.get(round_id)
-        if known is not None and (known == NO_POSITION or known != self._position):
+        mark = (self._position, self._envelope)
+        if known is not None and (known[0] == NO_POSITION or known != mark):
             raise ReplayedRound(f"round id {round_id.hex()} was used before; round ids are "
                                 "unique forever", sender=sender)
         if known is None:
-            self.ledger[round_id] = self._position
-            self._opened.append(RoundOpened(round_id, self._position))
+            self.ledger[round_id] = mark
+            self._opened.append(RoundOpened(round_id, *mark))
         self._remember(round_id, machine)
         return machine
 

@@ -6,10 +6,10 @@ institutions (default: every institution in every round). A request may raise a 
 lower it. The coordinator enforces the policy, and every institution checks each assignment
 against its own copy, so a coordinator cannot waive it.
 
-`DifferencingGuard`: where subsets are allowed, two rounds whose participant sets differ by one
-institution let the totals be subtracted into that institution's values. Each party keeps the
-participant sets of its last `window` rounds and refuses a round that differs from one of them
-by exactly one institution.
+`DifferencingGuard`: where subsets are allowed, rounds over different participant sets can be
+combined into one institution's values ((r,b,c) - (r,c) = b). Each party keeps the participant
+sets of its last `window` rounds and refuses a round that would put an institution's values in
+the span of the published totals.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 from protocol.fixedpoint import AttributeSpec
 
@@ -82,23 +84,44 @@ class Signer(Protocol):
 
 
 class DifferencingGuard:
-    """The participant sets of the last `window` rounds a party took part in."""
+    """The participant sets of the last `window` rounds a party took part in (or, at the
+    coordinator, of every round it assigned).
+
+    A round is refused when, with it, some institution's values become a linear combination of
+    published totals: when that institution's indicator vector enters the span of the
+    participant sets. (r,b,c) - (r,c) = b is the simplest case; {t,a,b} + {t,c,d} - {a,b,c,d} =
+    2t another. The check ignores which customers the rounds covered, so it refuses some rounds
+    that would be harmless: it errs on the side of the institutions."""
 
     def __init__(self, window: int) -> None:
         self.window = window
         self._sets: deque[frozenset[str]] = deque(maxlen=max(window, 1))
 
+    @staticmethod
+    def _spanned(sets: list[frozenset[str]], names: list[str]) -> set[str]:
+        """The institutions whose indicator vector lies in the span of `sets`."""
+        if not sets:
+            return set()
+        m = np.array([[1.0 if n in s else 0.0 for n in names] for s in sets])
+        _, sv, vt = np.linalg.svd(m, full_matrices=False)
+        basis = vt[sv > 1e-9 * max(sv[0], 1.0)]
+        reach = (basis * basis).sum(axis=0)  # |projection of e_n onto the span|^2
+        return {n for n, r in zip(names, reach, strict=True) if r > 1 - 1e-6}
+
     def problem(self, participants: tuple[str, ...]) -> str:
         if self.window == 0:
             return ""
         mine = frozenset(participants)
-        for earlier in self._sets:
-            diff = earlier ^ mine
-            if len(diff) == 1:
-                (who,) = diff
-                return (f"its totals minus those of an earlier round over "
-                        f"{', '.join(sorted(earlier))} would be {who}'s values alone")
-        return ""
+        earlier = list(dict.fromkeys(self._sets))  # distinct sets, oldest first
+        if mine in earlier:
+            return ""  # the same participants again add nothing to the span
+        names = sorted(mine.union(*earlier))
+        exposed = self._spanned([*earlier, mine], names) - self._spanned(earlier, names)
+        if not exposed:
+            return ""
+        who = sorted(exposed)
+        return (f"with the earlier rounds over {'; '.join(', '.join(sorted(s)) for s in earlier)}"
+                f", its totals would combine into the values of {', '.join(who)} alone")
 
     def record(self, participants: tuple[str, ...]) -> None:
         if self.window:

@@ -40,7 +40,8 @@ def test_written_data_and_its_plaintext_agree(tmp_path: Path) -> None:
                                tuple(s.name for s in SPECS)).view(np.int64)
     np.testing.assert_array_equal(total, expected)
     rows = [[c, str(t[0]), *(s.format(int(v)) for s, v in zip(SPECS, t[1:], strict=True))]
-            for c, t in zip(ids, expected, strict=True)]
+            for c, t in zip(ids, expected, strict=True) if t[0] >= 1]  # as published
     assert _check_all(rows, expected, SPECS)
+    assert not _check_all(rows[:-1], expected, SPECS)  # a held row missing
     rows[7][2] = "0.01" if rows[7][2] != "0.01" else "0.02"
     assert not _check_all(rows, expected, SPECS)

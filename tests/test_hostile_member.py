@@ -48,7 +48,7 @@ from protocol.messages import (
     Scope,
 )
 from protocol.party import InstitutionParty, Keyring, Outgoing, Rejected
-from protocol.policy import ConsortiumPolicy
+from protocol.policy import ConsortiumPolicy, DifferencingGuard
 from protocol.ring import derive_seed
 from protocol.tokens import LocalTable, tokenize
 from tests.helpers import DEADLINE, KEY, SPECS, expected, make_world, outcome_of, run_round
@@ -541,3 +541,50 @@ def test_only_a_leader_share_may_arrive_before_its_round() -> None:
     assert [type(e.error).__name__ for e in events if isinstance(e, Rejected)] == [
         "UnknownRound"]
     assert net.institutions["bank-1"]._early == {}
+
+
+def test_differencing_through_three_rounds_is_refused() -> None:
+    """{t,a,b} + {t,c,d} - {a,b,c,d} = 2t: no two of these sets differ by one institution,
+    yet together they give t's values. The third round is refused."""
+    guard = DifferencingGuard(100)
+    for s in (("t", "a", "b"), ("t", "c", "d")):
+        assert guard.problem(s) == ""
+        guard.record(s)
+    problem = guard.problem(("a", "b", "c", "d"))
+    assert "t" in problem.split("values of ")[1]
+    # the same set again adds nothing, and disjoint rounds stay allowed
+    assert guard.problem(("t", "a", "b")) == ""
+    other = DifferencingGuard(100)
+    other.record(("a", "b"))
+    assert other.problem(("c", "d")) == ""
+    # with no window there is no guard
+    assert DifferencingGuard(0).problem(("a",)) == ""
+
+
+def test_the_ledger_tells_a_replay_from_a_recreated_topic() -> None:
+    """After a restart the same envelope at the same offset rebuilds its round; another
+    envelope at that offset (a topic deleted and created again) cannot reopen the id."""
+    world = make_world(3, universe=20, hold=1.0, query=10, seed=13)
+    net = world.net
+    b1 = net.institutions["bank-1"]
+    rid = os.urandom(16)
+    out = b1.request(rid, world.tokens(world.query_ids), participants=tuple(net.institutions),
+                     attributes=NAMES, deadline_ms=DEADLINE)
+    [wire] = [w for o in out if isinstance(o, Outgoing) for w in o.wires]
+    first = net.coordinator.receive(wire, 7)
+    assert any(type(e).__name__ == "RoundOpened" for e in first)
+    # a fresh coordinator with the persisted ledger replays the same envelope at offset 7
+    fresh = build_network({n: p.table for n, p in net.institutions.items()}, SPECS)
+    fresh.coordinator.ledger = dict(net.coordinator.ledger)
+    fresh.coordinator.sealing = False
+    assert not any(isinstance(e, Rejected) for e in fresh.coordinator.receive(wire, 7))
+    # another request under the same id, at the same offset of a recreated topic: refused
+    again = build_network({n: p.table for n, p in net.institutions.items()}, SPECS)
+    again.coordinator.ledger = dict(net.coordinator.ledger)
+    out = again.institutions["bank-1"].request(
+        rid, world.tokens(world.query_ids[:-1]), participants=tuple(net.institutions),
+        attributes=NAMES, deadline_ms=DEADLINE)
+    [other] = [w for o in out if isinstance(o, Outgoing) for w in o.wires]
+    [event] = again.coordinator.receive(other, 7)
+    assert isinstance(event, Rejected)
+    assert isinstance(event.error, ReplayedRound)

@@ -58,3 +58,35 @@ def test_compaction_keeps_only_the_chain_head(tmp_path: Path,
     box.done(chain)
     assert box.log_path.stat().st_size < 100
     assert Outbox(tmp_path).load_chain() == chain
+
+
+def test_staged_through_survives_acks_and_compaction(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last inbox offset whose outputs were journaled: what a restart replays quietly."""
+    box = Outbox(tmp_path)
+    assert box.staged_through() == -1
+    chain = Chain()
+    box.stage([("t", w) for w in _wires(chain, 1)], through=41)
+    box.stage([("t", w) for w in _wires(chain, 1)])  # a timer's output: no inbox offset
+    assert box.staged_through() == 41
+    box.done(chain)
+    box.stage([("t", w) for w in _wires(chain, 1)], through=57)
+    monkeypatch.setattr(outbox_mod, "COMPACT_BYTES", 1)
+    box.done(chain)  # compacted to the chain head and the last offset
+    assert box.log_path.stat().st_size < 100
+    assert Outbox(tmp_path).staged_through() == 57
+    assert Outbox(tmp_path).load_chain() == chain
+
+
+def test_the_round_ledger_is_durable_and_cuts_a_torn_record(tmp_path: Path) -> None:
+    from agents.ledger import RoundLedger
+
+    ledger = RoundLedger(tmp_path)
+    assert ledger.load() == {}
+    ledger.append([(b"a" * 16, 5, b"x" * 8), (b"b" * 16, -1, b"y" * 8)])
+    assert RoundLedger(tmp_path).load() == {b"a" * 16: (5, b"x" * 8), b"b" * 16: (-1, b"y" * 8)}
+    with open(ledger.path, "ab") as fh:
+        fh.write(b"c" * 10)  # a crash in the middle of an append
+    assert set(RoundLedger(tmp_path).load()) == {b"a" * 16, b"b" * 16}
+    ledger.append([(b"d" * 16, 9, b"z" * 8)])  # appends stay aligned after the cut
+    assert RoundLedger(tmp_path).load()[b"d" * 16] == (9, b"z" * 8)
