@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -25,11 +26,17 @@ from typing import Any
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    TopicAlreadyExistsError,
+    UnknownProducerId,
+)
 from numpy.typing import NDArray
 
 from agents.broker import broker_config_dir, read_properties
-from agents.config import PartyConfig
+from agents.config import ConfigError, ConsortiumFile, PartyConfig
 from agents.data import Snapshot
 from agents.kafka_client import prepare_topics
 from agents.ledger import RoundLedger
@@ -43,6 +50,7 @@ from protocol.party import (
     CoordinatorParty,
     Event,
     InstitutionParty,
+    Keyring,
     Outgoing,
     Rejected,
     RoundOpened,
@@ -51,6 +59,8 @@ from protocol.tokens import Tokens, tokens_from_bytes, tokens_to_bytes
 
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 SUBMIT_MARGIN_S = 30.0  # past a round's deadline, how long `submit` waits for the abort
+# errors after which the idempotent producer's state is useless: replace the producer
+PRODUCER_STATE_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
 Clock = Callable[[], float]  # seconds since the epoch
 
 
@@ -164,6 +174,7 @@ class Agent:
                                           table=self.snapshot.refresh(), policy=policy,
                                           chain=chain)
         self.party.ledger = self.ledger.load()
+        self._consortium_file = ConsortiumFile(c)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -174,10 +185,7 @@ class Agent:
     async def run(self) -> None:
         cfg = self.cfg
         await prepare_topics(cfg.kafka, [p.topic for p in cfg.consortium.registry.values()])
-        self._producer = AIOKafkaProducer(
-            **cfg.kafka.aiokafka_kwargs(), enable_idempotence=True, acks="all",
-            max_request_size=MAX_REQUEST_BYTES, linger_ms=2,
-            client_id=f"zerosum-{cfg.party}")
+        self._producer = self._new_producer()
         self._consumer = AIOKafkaConsumer(
             **cfg.kafka.aiokafka_kwargs(), group_id=f"zerosum.{cfg.consortium.id}.{cfg.party}",
             enable_auto_commit=False, auto_offset_reset="earliest",
@@ -369,6 +377,7 @@ class Agent:
         party = self.party
         if not isinstance(party, InstitutionParty):
             raise TypeError("only an institution requests rounds")
+        self._refresh_consortium()
         timeout_s = timeout_s or self.cfg.consortium.policy.deadline_s
         if deadline_ms is None:
             deadline_ms = int((self.clock() + timeout_s) * 1000)
@@ -398,8 +407,37 @@ class Agent:
 
     # -- events ------------------------------------------------------------------------------
     def _refresh_data(self) -> None:
+        self._refresh_consortium()
         if self.snapshot is not None and isinstance(self.party, InstitutionParty):
             self.party.set_table(self.snapshot.refresh())
+
+    def _refresh_consortium(self) -> None:
+        """Parties added to or removed from consortium.toml, or a changed policy, take effect
+        for rounds that start from now on, without a restart (rounds in flight keep their
+        assignment)."""
+        try:
+            new = self._consortium_file.refresh()
+        except ConfigError as exc:
+            self.log.error("%s; keeping the consortium as it was", exc)
+            return
+        if new is None:
+            return
+        me = new.registry.get(self.cfg.party)
+        if me is None or me.signing_key != self.cfg.consortium.registry[self.cfg.party].signing_key:
+            self.log.error("%s no longer lists %s with its keys; keeping the consortium as it "
+                           "was", new.path, self.cfg.party)
+            self._consortium_file.current = self.cfg.consortium
+            return
+        self.cfg = dataclasses.replace(self.cfg, consortium=new)
+        party = self.party
+        party.registry.clear()  # the dict the inbox shares: update it in place
+        party.registry.update(new.registry)
+        party.keyring = Keyring(self.cfg.keys, party.registry)
+        party.policy = new.round_policy()
+        if isinstance(party, InstitutionParty):
+            party.attributes = party.policy.attributes
+        self.log.info("consortium file reloaded: %d institutions (%s)",
+                      len(new.institutions), ", ".join(new.institutions))
 
     def _handle(self, events: list[Event]) -> None:
         for e in events:
@@ -473,9 +511,21 @@ class Agent:
         tmp.replace(base.with_suffix(".json"))
         self.log.info("round %s: result for `zerosum round` in %s", round_id.hex(), out)
 
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            **self.cfg.kafka.aiokafka_kwargs(), enable_idempotence=True, acks="all",
+            max_request_size=MAX_REQUEST_BYTES, linger_ms=2,
+            client_id=f"zerosum-{self.cfg.party}")
+
     async def _produce(self, items: list[tuple[str, bytes]]) -> None:
         """Produce and await every ack; what failed (a broker away longer than the producer's
-        own retries) is sent again, with backoff, until the broker is back."""
+        own retries) is sent again, with backoff, until the broker is back.
+
+        A failed batch can leave the idempotent producer's sequence numbers ahead of the
+        broker's (a new topic's leader not elected yet, a broker restart): every later send to
+        that partition then fails with OutOfOrderSequenceNumber. The producer is replaced
+        then, with a new producer id; a copy that did land is an exact duplicate, which
+        receivers drop."""
         assert self._producer is not None
         delay = 0.2
         while items:
@@ -492,6 +542,13 @@ class Agent:
             self.log.warning("%d of %d envelopes not acknowledged (%s); sending them again in "
                              "%.1f s", len(failed), len(items), next(
                                  r for r in results if isinstance(r, BaseException)), delay)
+            if any(isinstance(r, PRODUCER_STATE_ERRORS) for r in results):
+                await self._producer.stop()
+                self._producer = self._new_producer()
+                await self._producer.start()
+                self.log.warning("producer replaced (new producer id) after %s",
+                                 next(type(r).__name__ for r in results
+                                      if isinstance(r, PRODUCER_STATE_ERRORS)))
             await asyncio.sleep(delay)  # backoff while the broker is away
             delay = min(delay * 2, 5.0)
             items = failed

@@ -39,7 +39,7 @@ from agents.security import KafkaAccess, as_access
 from protocol.envelope import Header
 from protocol.fixedpoint import AttributeSpec
 from protocol.machine import Outcome
-from protocol.messages import MessageKind, Scope
+from protocol.messages import MaskMode, MessageKind, Scope
 from protocol.tokens import tokenize
 
 SPECS = (AttributeSpec("balance", 2, -10**13, 10**13), AttributeSpec("limit", 2, 0, 10**13),
@@ -228,13 +228,14 @@ def compute_floor(rows: int, cols: int, n: int) -> float:
 
 
 async def large_round(bootstrap: KafkaAccess, *, customers: int, institutions: int, attributes: int,
-                      say: Say, hold: float = 0.8, seed: int = 7) -> dict[str, Any]:
+                      say: Say, hold: float = 0.8, seed: int = 7,
+                      masks: MaskMode = MaskMode.DEALT) -> dict[str, Any]:
     specs = SPECS[:attributes]
     with tempfile.TemporaryDirectory(prefix="zerosum-bench-") as tmp:
         d = Path(tmp)
         t = time.perf_counter()
         expected, query, configs = await asyncio.to_thread(
-            _prepare, d, bootstrap, customers, institutions, specs, hold, seed)
+            _prepare, d, bootstrap, customers, institutions, specs, hold, seed, masks)
         say(f"  data: {institutions} x ~{int(customers * hold):,} customers x {attributes} "
             f"attributes written in {time.perf_counter() - t:.1f} s; starting agents")
         async with agent_processes(configs, bootstrap) as procs:
@@ -288,11 +289,12 @@ async def large_round(bootstrap: KafkaAccess, *, customers: int, institutions: i
 
 
 def _prepare(d: Path, bootstrap: KafkaAccess, customers: int, institutions: int,
-             specs: tuple[AttributeSpec, ...], hold: float,
-             seed: int) -> tuple[np.ndarray[Any, np.dtype[np.int64]], Path, list[Path]]:
+             specs: tuple[AttributeSpec, ...], hold: float, seed: int,
+             masks: MaskMode = MaskMode.DEALT,
+             ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], Path, list[Path]]:
     """A consortium with Parquet data, and a query of every customer, in directory d."""
     init_on_broker(d, bootstrap, institutions=institutions, customers=1,
-                   consortium=f"bench{os.urandom(4).hex()}", attributes=specs)
+                   consortium=f"bench{os.urandom(4).hex()}", attributes=specs, masks=masks)
     expected = write_data(d, institutions, customers, specs, hold, seed)
     query = d / "query.csv"
     query.write_text("customer_id\n" + "\n".join(_ids(customers)) + "\n")
@@ -317,12 +319,14 @@ def _check_all(rows: list[list[str]], expected: np.ndarray[Any, np.dtype[np.int6
 
 
 async def small_rounds(bootstrap: KafkaAccess, *, rounds: int, in_flight: int, customers: int,
-                       institutions: int, say: Say) -> dict[str, Any]:
+                       institutions: int, say: Say,
+                       masks: MaskMode = MaskMode.DEALT) -> dict[str, Any]:
     """Many small rounds in flight among in-process agents: throughput and latency."""
     with tempfile.TemporaryDirectory(prefix="zerosum-bench-") as tmp:
         d = Path(tmp)
         await asyncio.to_thread(init_on_broker, d, bootstrap, institutions=institutions,
-                                customers=customers, consortium=f"bench{os.urandom(4).hex()}")
+                                customers=customers, consortium=f"bench{os.urandom(4).hex()}",
+                                masks=masks)
         async with agents_in_process(party_configs(d)) as agents:
             banks = [a for n, a in agents.items() if n != "coordinator"]
             key = banks[0].cfg.consortium_key
@@ -477,19 +481,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 async def run_all(bootstrap: KafkaAccess, scenarios: list[str], *, customers: int,
                   institutions: int, attributes: int, small: int, paillier_customers: int,
-                  say: Say) -> dict[str, Any]:
+                  say: Say, masks: MaskMode = MaskMode.DEALT) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     if "large" in scenarios:
         say(f"large round: {customers:,} customers x {attributes} attributes x "
             f"{institutions} institutions")
         lr = await large_round(bootstrap, customers=customers, institutions=institutions,
-                               attributes=attributes, say=say)
+                               attributes=attributes, say=say, masks=masks)
         lr["max_rss_to_round_data"] = max(lr["rss_to_round_data"].values())
         results["large_round"] = lr
     if "small" in scenarios:
         say("small rounds: 1,000 customers, 5 institutions")
         results["small_rounds"] = await small_rounds(bootstrap, rounds=small, in_flight=32,
-                                                     customers=1000, institutions=5, say=say)
+                                                     customers=1000, institutions=5, say=say,
+                                                     masks=masks)
     if "paillier" in scenarios:
         say(f"Paillier against zerosum: {paillier_customers:,} customers, 5 institutions")
         results["paillier"] = await paillier(bootstrap, customers=paillier_customers,
@@ -554,10 +559,34 @@ async def plaintext_beside(secure: dict[str, Any], scenarios: list[str], *, cust
     return out
 
 
+async def masks_beside(dealt: dict[str, Any], access: KafkaAccess, scenarios: list[str], *,
+                       customers: int, institutions: int, attributes: int, small: int,
+                       say: Say) -> dict[str, Any]:
+    """The large and small scenarios again with pairwise masks, on the same broker: what
+    removing the dealer costs, measured in the same run."""
+    say("pairwise masks for comparison")
+    pair = await run_all(access, [s for s in scenarios if s in ("large", "small")],
+                         customers=customers, institutions=institutions, attributes=attributes,
+                         small=small, paillier_customers=0, say=say, masks=MaskMode.PAIRWISE)
+    out: dict[str, Any] = {}
+    for key, field in (("large_round", "seconds"), ("small_rounds", "rounds_per_s"),
+                       ("small_rounds", "p99_ms")):
+        if key in dealt and key in pair:
+            out[f"{key}.{field}"] = {"dealt": dealt[key][field], "pairwise": pair[key][field],
+                                     "pairwise_to_dealt": pair[key][field] / dealt[key][field]}
+            say(f"  {key}.{field}: dealt {dealt[key][field]:.2f}, pairwise "
+                f"{pair[key][field]:.2f}")
+    if "large_round" in pair:
+        out["large_round.correct"] = pair["large_round"]["correct"]
+    if "small_rounds" in pair:
+        out["small_rounds.failures"] = pair["small_rounds"]["failures"]
+    return out
+
+
 def main(*, scenarios: list[str], customers: int, institutions: int, attributes: int,
          small: int, paillier_customers: int, json_out: Path | None, plot_out: Path | None,
          bootstrap: str | None, data_dir: Path, port: int, controller_port: int,
-         compare_plaintext: bool = False) -> int:
+         compare_plaintext: bool = False, compare_masks: bool = False) -> int:
     from agents.broker import LocalBroker
 
     def say(text: str) -> None:
@@ -588,6 +617,10 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
             results["security"] = asyncio.run(plaintext_beside(
                 results, scenarios, customers=customers, institutions=institutions,
                 attributes=attributes, small=small, say=say))
+        if compare_masks:
+            results["masks"] = asyncio.run(masks_beside(
+                results, access, scenarios, customers=customers, institutions=institutions,
+                attributes=attributes, small=small, say=say))
     finally:
         if broker is not None:
             broker.stop()
@@ -601,5 +634,7 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
     correct = all(results.get(k, {}).get(f, True) for k, f in
                   (("large_round", "correct"), ("paillier", "zerosum_correct"),
                    ("paillier", "paillier_correct")))
-    failures = results.get("small_rounds", {}).get("failures", 0)
+    correct = correct and results.get("masks", {}).get("large_round.correct", True)
+    failures = results.get("small_rounds", {}).get("failures", 0) + results.get(
+        "masks", {}).get("small_rounds.failures", 0)
     return 0 if correct and not failures else 1

@@ -183,6 +183,7 @@ def _party(path: Path) -> PartyConfig:
 def cmd_init(args: argparse.Namespace) -> int:
     from agents.init import init_consortium
     from protocol.envelope import KemKind
+    from protocol.messages import MaskMode
 
     kem = KemKind.MLKEM768_X25519 if args.kem == "mlkem768-x25519" else KemKind.X25519
     try:
@@ -193,7 +194,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                                 customers=args.customers, bootstrap=args.bootstrap,
                                 consortium=consortium, kem=kem,
                                 keep_existing=args.keep_existing, insecure=args.insecure,
-                                ca=args.ca)
+                                ca=args.ca, masks=MaskMode(args.masks))
     except (ValueError, FileExistsError) as exc:
         raise CliError(str(exc)) from exc
     print(f"consortium in {args.dir.resolve()}: " + ", ".join(f.name for f in files))
@@ -268,6 +269,10 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                         "so that a new consortium never reuses an old one's topics)")
     p.add_argument("--kem", choices=["x25519", "mlkem768-x25519"], default="x25519",
                    help="HPKE key encapsulation (default: x25519)")
+    p.add_argument("--masks", choices=["dealt", "pairwise"], default="dealt",
+                   help="dealt: the patent's masks from the coordinator (coordinator and "
+                        "leader together can unmask everyone); pairwise: institutions derive "
+                        "them pairwise and nobody deals them (default: dealt)")
     p.add_argument("--keep-existing", action="store_true",
                    help="leave an existing consortium in DIR as it is instead of failing")
     p.add_argument("--ca", type=Path,
@@ -357,6 +362,9 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     b.add_argument("--compare-plaintext", action="store_true",
                    help="run large and small again on a second, --insecure broker and report "
                         "secure beside plaintext (results['security'])")
+    b.add_argument("--compare-masks", action="store_true",
+                   help="run large and small again with pairwise masks and report them beside "
+                        "the dealt masks (results['masks'])")
     b.add_argument("--data-dir", type=Path, default=default_data_dir(),
                    help="embedded broker data dir (default: %(default)s)")
     b.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
@@ -413,7 +421,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       json_out=args.json, plot_out=args.plot, bootstrap=args.bootstrap,
                       data_dir=args.data_dir, port=args.port,
                       controller_port=args.controller_port,
-                      compare_plaintext=args.compare_plaintext)
+                      compare_plaintext=args.compare_plaintext,
+                      compare_masks=args.compare_masks)
 
 
 def build_parser() -> argparse.ArgumentParser:

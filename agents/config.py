@@ -16,7 +16,7 @@ from typing import Any
 from agents.security import KafkaAccess, SecurityError, load_access
 from protocol.envelope import KemKind, PrivateParty, PublicParty, private_party, public_party
 from protocol.fixedpoint import AttributeSpec, parse_decimal
-from protocol.messages import MAX_QUERY, check_party
+from protocol.messages import MAX_QUERY, MaskMode, check_party
 from protocol.policy import DEFAULT_DIFFERENCE_WINDOW, DEFAULT_MAX_QUERY, ConsortiumPolicy
 from protocol.tokens import CONSORTIUM_KEY_BYTES
 
@@ -74,6 +74,7 @@ class Policy:
     allow_subsets: bool = False
     max_query: int = DEFAULT_MAX_QUERY
     difference_window: int = DEFAULT_DIFFERENCE_WINDOW
+    masks: str = "dealt"
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class Consortium:
         return ConsortiumPolicy(frozenset(self.institutions), self.attributes,
                                 min_participants=p.min_participants, min_holders=p.min_holders,
                                 allow_subsets=p.allow_subsets, max_query=p.max_query,
-                                difference_window=p.difference_window)
+                                difference_window=p.difference_window,
+                                masks=MaskMode(p.masks))
 
 
 _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
@@ -107,6 +109,7 @@ _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
     "allow_subsets": (bool, False, 0),
     "max_query": (int, DEFAULT_MAX_QUERY, 1),
     "difference_window": (int, DEFAULT_DIFFERENCE_WINDOW, 0),
+    "masks": (str, "dealt", None),
 }
 
 
@@ -124,9 +127,12 @@ def _policy(pol: Any, where: str) -> Policy:
         if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
             raise ConfigError(f"{where}: field {key!r} must be {typ.__name__}, "
                               f"got {type(value).__name__}")
-        if typ is not bool and value < least:
+        if least is not None and typ is not bool and value < least:
             raise ConfigError(f"{where}: field {key!r} must be at least {least}")
         values[key] = value
+    if values["masks"] not in {m.value for m in MaskMode}:
+        raise ConfigError(f"{where}: field 'masks' must be one of "
+                          f"{', '.join(repr(m.value) for m in MaskMode)}")
     if values["max_query"] > MAX_QUERY:
         raise ConfigError(f"{where}: field 'max_query' must be at most {MAX_QUERY}")
     return Policy(**values)
@@ -256,3 +262,34 @@ def load_party(path: Path) -> PartyConfig:
         raise ConfigError(str(exc)) from exc
     return PartyConfig(path, party, consortium, keys, rel("state_dir"), str(bootstrap),
                        log_format, ckey, data, kafka)
+
+
+class ConsortiumFile:
+    """The consortium file as last loaded, read again when it changes: a party added or
+    removed, a policy changed. A file that no longer loads keeps the last good one."""
+
+    def __init__(self, consortium: Consortium) -> None:
+        self.current = consortium
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.current.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def refresh(self) -> Consortium | None:
+        """The new consortium when the file changed and loads, else None. ConfigError when it
+        changed but cannot be used (the caller logs it and keeps the last good one)."""
+        stamp = self._stat()
+        if stamp is None or stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        new = load_consortium(self.current.path)
+        old = self.current
+        if (new.id, new.coordinator) != (old.id, old.coordinator):
+            raise ConfigError(f"{new.path}: the consortium id and coordinator cannot change "
+                              "while agents run")
+        self.current = new
+        return new

@@ -12,6 +12,7 @@ from agents.config import topic_for
 from agents.security import write_consortium_security
 from protocol.envelope import KemKind, kem_keys
 from protocol.fixedpoint import AttributeSpec
+from protocol.messages import MaskMode
 
 DEFAULT_ATTRIBUTES = (
     AttributeSpec("balance", 2, -10**13, 10**13),   # loan balance, +-100 billion at cents
@@ -60,7 +61,8 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
                     consortium: str = "demo", kem: KemKind = KemKind.X25519,
                     keep_existing: bool = False,
                     attributes: tuple[AttributeSpec, ...] = DEFAULT_ATTRIBUTES,
-                    insecure: bool = False, ca: Path | None = None) -> list[Path]:
+                    insecure: bool = False, ca: Path | None = None,
+                    masks: MaskMode = MaskMode.DEALT) -> list[Path]:
     """Write consortium.toml, coordinator.toml, bank-N.toml, keys/ and data/ under directory.
 
     Kafka security (`agents.security.write_consortium_security`): tls/ and one SCRAM credential
@@ -90,6 +92,7 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
              "min_holders = 1             # rows held by fewer institutions are withheld\n"
              "max_query = 10000000        # customers in one query, at most\n"
              "difference_window = 10000   # rounds remembered against differencing\n"
+             f'masks = "{masks}"{" " * (18 - len(str(masks)))}# dealt (the patent) or pairwise\n'
              "deadline_s = 120\n"]
     for a in attributes:
         parts.append(f'[[attributes]]\nname = "{a.name}"\nscale = {a.scale}\n'

@@ -44,6 +44,7 @@ from protocol.messages import (
     CoordinatorShare,
     LeaderQuery,
     MaskAssignment,
+    MaskMode,
     RoundAbort,
     RoundRequest,
     RoundResult,
@@ -151,13 +152,16 @@ class CoordinatorRound(RoundMachine):
         width = 1 + len(specs)
         core = MaskAssignment(self.round_id, req.requester, req.participants, leader, specs,
                               req.scope, req.min_holders, req.deadline_ms, int(req.query.size),
-                              query_digest(req.query), np.zeros(width, dtype=np.uint64),
-                              bytes(SIGNATURE_BYTES))
+                              query_digest(req.query), pol.masks,
+                              np.zeros(width, dtype=np.uint64), bytes(SIGNATURE_BYTES))
         digest = assignment_digest(core)
         attestation = self.signer.sign(attestation_statement(self.round_id, digest))
-        masks = zero_sum_masks(derive_seed(self._secret, "masks", digest), n, width)
-        order = permutation(derive_seed(self._secret, "order", digest), n)
-        masks = masks[order]  # assigned to the participants in random order (claim 4)
+        if pol.masks is MaskMode.PAIRWISE:  # the institutions derive theirs pairwise
+            masks = np.zeros((n, width), dtype=np.uint64)
+        else:
+            masks = zero_sum_masks(derive_seed(self._secret, "masks", digest), n, width)
+            order = permutation(derive_seed(self._secret, "order", digest), n)
+            masks = masks[order]  # assigned to the participants in random order (claim 4)
         if self.guard is not None:
             self.guard.record(req.participants)
         self.request = req

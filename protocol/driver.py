@@ -37,7 +37,7 @@ def keys_for(party_id: str, seed: bytes, kem: KemKind = KemKind.X25519,
                          kem_private=kem_priv, secret=_bytes(s, "secret", 32))
     _, kem_pub, _ = kem_keys(kem, kem_priv)
     pub = PublicParty(party_id, priv.signing_key.public_key(), kem, kem_pub,
-                      f"zerosum.{CONSORTIUM}.{party_id}")
+                      f"zerosum.{CONSORTIUM}.{party_id}", priv.agreement().public_key())
     return priv, pub
 
 

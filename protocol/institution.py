@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import ClassVar
 
+import numpy as np
+
 from protocol.codec import (
     assignment_digest,
     attestation_statement,
@@ -43,12 +45,21 @@ from protocol.messages import (
     LeaderQuery,
     LeaderShare,
     MaskAssignment,
+    MaskMode,
     RoundAbort,
     RoundResult,
     Scope,
 )
 from protocol.policy import ConsortiumPolicy, DifferencingGuard, Signer
-from protocol.ring import add_mask, coordinator_share, derive_seed, prg_matrix
+from protocol.ring import (
+    U64,
+    add_mask,
+    coordinator_share,
+    derive_seed,
+    pairwise_mask,
+    pairwise_seed,
+    prg_matrix,
+)
 from protocol.tokens import LocalTable, Tokens
 
 DEFAULT_GRACE_MS = 5_000
@@ -129,7 +140,7 @@ class InstitutionRound(RoundMachine):
             return self._refuse("the assignment's attestation does not verify",
                                 AbortReason.INCONSISTENT, coord)
         # the consortium's floors, checked against this institution's own copy
-        if problem := ctx.policy.problem(a.participants, a.min_holders, a.query_size):
+        if problem := ctx.policy.problem(a.participants, a.min_holders, a.query_size, a.masks):
             return self._refuse(problem, AbortReason.POLICY, (ctx.coordinator,))
         if ctx.guard is not None and ctx.policy.allow_subsets and (
                 problem := ctx.guard.problem(a.participants)):
@@ -146,6 +157,18 @@ class InstitutionRound(RoundMachine):
         self.state = (InstitutionState.AWAIT_QUERY if a.leader == ctx.me
                       else InstitutionState.AWAIT_SHARE)
         return [SetTimer(self.round_id, a.deadline_ms + ctx.grace_ms)]
+
+    def _masked(self, values: U64) -> U64:
+        """X + m: the dealt mask added to every row, or this institution's pairwise mask."""
+        a, ctx = self.assignment, self.ctx
+        assert a is not None
+        if a.masks is MaskMode.DEALT:
+            return add_mask(values, a.mask)
+        me = a.participants.index(ctx.me)
+        seeds = {j: pairwise_seed(ctx.signer.agree(p), self.digest, ctx.me, p)
+                 for j, p in enumerate(a.participants) if p != ctx.me}
+        mask = pairwise_mask(me, seeds, values.shape[0], values.shape[1])
+        return np.add(values, mask, dtype=np.uint64)
 
     def _names(self) -> tuple[str, ...]:
         assert self.assignment is not None
@@ -176,7 +199,7 @@ class InstitutionRound(RoundMachine):
         salt = derive_seed(ctx.secret, "salt", self.digest)
         rows = rows_digest(salt, tokens)
         endorsement = ctx.signer.sign(endorsement_statement(self.round_id, self.digest, rows))
-        e_s = coordinator_share(add_mask(values, a.mask), seeds)
+        e_s = coordinator_share(self._masked(values), seeds)
         self.tokens = tokens
         self.state = InstitutionState.AWAIT_RESULT
         out: list[Output] = [
@@ -213,7 +236,7 @@ class InstitutionRound(RoundMachine):
             x = ctx.table.aligned(s.tokens, self._names())
         except DataError as exc:
             return self._refuse(str(exc))
-        y = add_mask(x, a.mask)
+        y = self._masked(x)
         y += prg_matrix(s.seed, n_rows, a.width)  # Y_j = E_j + X_j + m_j
         self.tokens = s.tokens
         self.state = InstitutionState.AWAIT_RESULT

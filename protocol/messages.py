@@ -85,6 +85,15 @@ class Scope(StrEnum):
     QUERY = "query"
 
 
+class MaskMode(StrEnum):
+    """`dealt`: the patent's masks, drawn by the coordinator (coordinator and leader together
+    can unmask everyone). `pairwise`: each pair of institutions derives a shared seed from an
+    authenticated X25519 agreement, and the masks cancel without anyone dealing them."""
+
+    DEALT = "dealt"
+    PAIRWISE = "pairwise"
+
+
 def check_party(name: str, what: str = "party id") -> None:
     if not _PARTY.match(name):
         raise ValueError(f"{what} {name!r}: 1-63 of a-z 0-9 _ . -, starting with a letter or digit")
@@ -189,7 +198,8 @@ class MaskAssignment(Message):
     deadline_ms: int
     query_size: int
     query_digest: Digest
-    mask: Vector
+    masks: MaskMode
+    mask: Vector  # all zeros in pairwise mode: the coordinator deals nothing
     attestation: Signature
 
     def __post_init__(self) -> None:
@@ -204,6 +214,8 @@ class MaskAssignment(Message):
             raise ValueError("attributes: each at most once")
         if self.mask.dtype != np.uint64 or self.mask.shape != (1 + len(self.attributes),):
             raise ValueError(f"mask: expected {1 + len(self.attributes)} uint64 values")
+        if self.masks is MaskMode.PAIRWISE and self.mask.any():
+            raise ValueError("mask: the coordinator deals no mask in pairwise mode")
         _check_min_holders(self.min_holders, len(self.participants))
         _check_deadline(self.deadline_ms)
         if not 0 <= self.query_size <= MAX_QUERY:

@@ -59,9 +59,19 @@ class Keyring:
     def __init__(self, me: PrivateParty, registry: dict[str, PublicParty]) -> None:
         self._me = me
         self._registry = registry
+        self._shared: dict[str, bytes] = {}  # static X25519 agreements, per peer
 
     def sign(self, statement: bytes) -> bytes:
         return self._me.signing_key.sign(statement)
+
+    def agree(self, party: str) -> bytes:
+        shared = self._shared.get(party)
+        if shared is None:
+            peer = self._registry.get(party)
+            if peer is None:
+                raise ValueError(f"{party} is not in the registry")
+            shared = self._shared[party] = self._me.agreement().exchange(peer.agreement())
+        return shared
 
     def verify(self, party: str, signature: bytes, statement: bytes) -> bool:
         peer = self._registry.get(party)

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from protocol.fixedpoint import AttributeSpec
+from protocol.messages import MaskMode
 
 DEFAULT_MAX_QUERY = 10_000_000
 DEFAULT_DIFFERENCE_WINDOW = 10_000
@@ -40,6 +41,7 @@ class ConsortiumPolicy:
     allow_subsets: bool = False
     max_query: int = DEFAULT_MAX_QUERY
     difference_window: int = DEFAULT_DIFFERENCE_WINDOW
+    masks: MaskMode = MaskMode.DEALT
 
     def __post_init__(self) -> None:
         if self.min_participants < 0 or self.min_holders < 1 or self.max_query < 1:
@@ -54,9 +56,11 @@ class ConsortiumPolicy:
             return every
         return max(2, min(self.min_participants, every))
 
-    def problem(self, participants: tuple[str, ...], min_holders: int,
-                query_size: int) -> str:
+    def problem(self, participants: tuple[str, ...], min_holders: int, query_size: int,
+                masks: MaskMode | None = None) -> str:
         """Why a round with these parameters breaks the policy, or "" when it keeps it."""
+        if masks is not None and masks is not self.masks:
+            return f"the round's masks are {masks}; the consortium's are {self.masks}"
         if unknown := [p for p in participants if p not in self.institutions]:
             return f"participant {unknown[0]!r} is not an institution of this consortium"
         if not self.allow_subsets and set(participants) != self.institutions:
@@ -81,6 +85,10 @@ class Signer(Protocol):
     def sign(self, statement: bytes) -> bytes: ...
 
     def verify(self, party: str, signature: bytes, statement: bytes) -> bool: ...
+
+    def agree(self, party: str) -> bytes:
+        """The X25519 shared secret with `party` (static registry keys), for pairwise masks."""
+        ...
 
 
 class DifferencingGuard:

@@ -11,7 +11,9 @@ import hashlib
 import hmac
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
 U64 = NDArray[np.uint64]
@@ -89,6 +91,35 @@ def permutation(seed: bytes, n: int) -> list[int]:
     for i, j in zip(range(n - 1, 0, -1), draws, strict=True):
         perm[i], perm[j] = perm[j], perm[i]
     return perm
+
+
+def pairwise_seed(shared_secret: bytes, assignment: bytes, a: str, b: str,
+                  attempt: int = 0) -> bytes:
+    """s_ab: the seed two institutions share for one round, from their X25519 agreement.
+
+    HKDF-SHA256 with the round's assignment digest, an attempt number and both names (sorted)
+    in the info, so no two rounds, attempts or pairs share a seed."""
+    lo, hi = sorted((a, b))
+    info = b"".join(len(p).to_bytes(4, "big") + p for p in (
+        b"zerosum/v1 pairwise", assignment, attempt.to_bytes(8, "big"), lo.encode(),
+        hi.encode()))
+    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None,
+                info=info).derive(shared_secret)
+
+
+def pairwise_mask(index: int, seeds: dict[int, bytes], rows: int, cols: int) -> U64:
+    """m_i = sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij) over a rows x cols matrix: summed over
+    every participant i, the masks cancel, and nobody dealt them (PROTOCOL.md, pairwise mode).
+    `seeds` maps each other participant's index to the seed shared with it."""
+    out = np.zeros((rows, cols), dtype=np.uint64)
+    for j, seed in seeds.items():
+        if j == index:
+            raise ValueError("a participant shares no seed with itself")
+        if j > index:
+            np.add(out, prg_matrix(seed, rows, cols), out=out)
+        else:
+            np.subtract(out, prg_matrix(seed, rows, cols), out=out)
+    return out
 
 
 def add_mask(values: U64, mask: U64) -> U64:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,7 +33,7 @@ class World:
 
 
 def make_world(n: int, *, universe: int, hold: float, query: int, seed: int,
-               one_customer: bool = False) -> World:
+               one_customer: bool = False, **policy: Any) -> World:
     rng = np.random.default_rng(seed)
     ids = [f"Customer {i:06d}" for i in range(universe)]
     names = [f"bank-{i}" for i in range(n)]
@@ -52,7 +53,8 @@ def make_world(n: int, *, universe: int, hold: float, query: int, seed: int,
     extra = [f"Nobody {i}" for i in range(max(1, query // 10))]
     pool = ids + extra
     q = [pool[i] for i in rng.permutation(len(pool))[:query]]
-    return World(ids, holdings, q, build_network(tables, SPECS, rng=random.Random(seed)))
+    return World(ids, holdings, q, build_network(tables, SPECS, rng=random.Random(seed),
+                                                 **policy))
 
 
 def expected(world: World, leader: str, scope: Scope,

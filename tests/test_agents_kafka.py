@@ -20,7 +20,7 @@ from agents.run import agents_in_process, party_configs
 from agents.security import KafkaAccess
 from protocol.errors import AbortReason
 from protocol.machine import Ended, Outcome
-from protocol.messages import Scope
+from protocol.messages import MaskMode, Scope
 from protocol.tokens import normalise_id, tokenize, tokens_to_bytes
 from tests.kafka_util import make_consortium
 
@@ -83,6 +83,28 @@ async def test_rounds_equal_plaintext_totals(kafka_bootstrap: KafkaAccess, tmp_p
             if scope is Scope.QUERY:
                 assert isinstance(out, Outcome)
                 assert rows + out.withheld == len(ids)
+
+
+async def test_pairwise_masks_on_kafka_with_an_audit(kafka_bootstrap: KafkaAccess,
+                                                     tmp_path: Path) -> None:
+    """A consortium with pairwise masks: exact totals, and the coordinator-key audit still
+    re-adds every sum (it needs no mask: the masks cancel in the sum)."""
+    from agents.audit import read_and_audit
+    from agents.config import load_party
+    from tests.kafka_util import party_access
+
+    d = make_consortium(tmp_path, kafka_bootstrap, 4, masks=MaskMode.PAIRWISE)
+    ids = query_ids(d)
+    async with running(d) as agents:
+        assert agents["coordinator"].cfg.consortium.round_policy().masks is MaskMode.PAIRWISE
+        for scope in Scope:
+            check(await submit(agents["bank-2"], ids, scope), ids, d)
+    cfg = load_party(d / "coordinator.toml")
+    run = await read_and_audit(cfg.consortium, party_access(d, kafka_bootstrap, "auditor"),
+                               key=cfg.keys)
+    assert [str(f) for f in run.report.all_findings()] == []
+    assert [r.outcome for r in run.report.rounds] == ["published", "published"]
+    assert {r.verified for r in run.report.rounds} == {"coordinator"}  # sums re-added
 
 
 async def test_50_consecutive_and_20_concurrent_rounds(kafka_bootstrap: KafkaAccess,
