@@ -7,13 +7,12 @@ to that file's directory.
 from __future__ import annotations
 
 import os
-import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.security import KafkaAccess, SecurityError, load_access
+from agents.security import KafkaAccess, SecurityError, check_private, load_access
 from protocol.envelope import KemKind, PrivateParty, PublicParty, private_party, public_party
 from protocol.fixedpoint import AttributeSpec, parse_decimal
 from protocol.messages import MAX_QUERY, MaskMode, check_party
@@ -206,12 +205,9 @@ class PartyConfig:
 
 def _check_private_file(path: Path) -> None:
     try:
-        mode = path.stat().st_mode
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such file") from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{path}: a key file must be readable only by its owner "
-                          f"(chmod 600 {path})")
+        check_private(path, "a key file")
+    except SecurityError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def load_private_key(path: Path, party: str) -> PrivateParty:

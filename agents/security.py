@@ -101,13 +101,14 @@ def write_private(path: Path, text: str | bytes) -> None:
     os.chmod(path, 0o600)
 
 
-def check_private(path: Path) -> None:
+def check_private(path: Path, what: str = "a credential file") -> None:
+    """SecurityError unless `path` exists and only its owner may read it."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError as exc:
         raise SecurityError(f"{path}: no such file") from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SecurityError(f"{path}: a credential file must be readable only by its owner "
+        raise SecurityError(f"{path}: {what} must be readable only by its owner "
                             f"(chmod 600 {path})")
 
 
