@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents.security import (
+    PRINCIPAL_MAPPING,
     KafkaAccess,
     SecurityError,
     as_access,
@@ -231,6 +232,7 @@ class BrokerInfo:
     controller_port: int
     started_at: float
     secure: bool = False
+    mtls_port: int | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -251,9 +253,11 @@ class LocalBroker:
     def __init__(self, data_dir: Path | None = None, *, port: int = DEFAULT_PORT,
                  controller_port: int = DEFAULT_CONTROLLER_PORT, cache_dir: Path | None = None,
                  log: logging.Logger | None = None, insecure: bool = False,
-                 tls_dir: Path | None = None) -> None:
+                 tls_dir: Path | None = None, mtls_port: int | None = None) -> None:
         self.data_dir = (data_dir or default_data_dir()).resolve()
         self.port = port
+        # a second client listener for mutual TLS (certificates instead of SCRAM passwords)
+        self.mtls_port = None if insecure else mtls_port
         self.controller_port = controller_port
         self.cache_dir = cache_dir or default_cache_dir()
         self.log = log or logging.getLogger("zerosum.broker")
@@ -306,7 +310,8 @@ class LocalBroker:
             return BrokerInfo(pid=int(raw["pid"]), port=int(raw["port"]),
                               controller_port=int(raw["controller_port"]),
                               started_at=float(raw["started_at"]),
-                              secure=bool(raw.get("secure", False)))
+                              secure=bool(raw.get("secure", False)),
+                              mtls_port=raw.get("mtls_port"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -355,10 +360,11 @@ class LocalBroker:
     def effective_properties(self) -> dict[str, str]:
         props = read_properties(broker_config_dir() / "server.properties")
         listener = "PLAINTEXT" if self.insecure else "SASL_SSL"
+        mtls = f",MTLS://127.0.0.1:{self.mtls_port}" if self.mtls_port else ""
         props.update({
-            "listeners": f"{listener}://127.0.0.1:{self.port},"
+            "listeners": f"{listener}://127.0.0.1:{self.port}{mtls},"
                          f"CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"{listener}://127.0.0.1:{self.port}",
+            "advertised.listeners": f"{listener}://127.0.0.1:{self.port}{mtls}",
             "controller.quorum.voters": f"{props.get('node.id', '1')}@127.0.0.1:"
                                         f"{self.controller_port}",
             "log.dirs": str(self.kraft_dir),
@@ -382,6 +388,12 @@ class LocalBroker:
                 "org.apache.kafka.common.security.scram.ScramLoginModule required "
                 f'username="admin" password="{admin_pw}";',
         })
+        if self.mtls_port:  # mutual TLS: the certificate's CN is the principal, same ACLs
+            props["listener.security.protocol.map"] += ",MTLS:SSL"
+            props.update({
+                "listener.name.mtls.ssl.client.auth": "required",
+                "listener.name.mtls.ssl.principal.mapping.rules": PRINCIPAL_MAPPING,
+            })
         return props
 
     def _write_properties(self) -> None:
@@ -447,7 +459,7 @@ class LocalBroker:
             finally:
                 console.close()
             info = BrokerInfo(proc.pid, self.port, self.controller_port, time.time(),
-                              secure=not self.insecure)
+                              secure=not self.insecure, mtls_port=self.mtls_port)
             self.info_path.write_text(json.dumps(info.__dict__) + "\n")
             try:
                 self._wait_ready(proc, self.access(info))

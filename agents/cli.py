@@ -35,7 +35,8 @@ INSECURE_WARNING = ("zerosum: WARNING: --insecure: plaintext Kafka, no TLS, no c
 def _broker(args: argparse.Namespace) -> LocalBroker:
     return LocalBroker(args.data_dir, port=args.port, controller_port=args.controller_port,
                        insecure=getattr(args, "insecure", False),
-                       tls_dir=getattr(args, "tls", None))
+                       tls_dir=getattr(args, "tls", None),
+                       mtls_port=getattr(args, "mtls_port", None))
 
 
 def cmd_broker_start(args: argparse.Namespace) -> int:
@@ -52,6 +53,33 @@ def cmd_broker_start(args: argparse.Namespace) -> int:
     if res.secure:
         print(f"clients trust {broker.cafile}; the admin super-user's credential is "
               f"{broker.admin_credentials}")
+    if broker.mtls_port:
+        print(f"mutual TLS on 127.0.0.1:{broker.mtls_port} (client certificates from "
+              "`zerosum broker client-cert`)")
+    return 0
+
+
+def cmd_broker_client_cert(args: argparse.Namespace) -> int:
+    """Mutual TLS: a party's client certificate, signed by the broker's CA."""
+    from agents.config import ConfigError, load_consortium
+    from agents.security import SecurityError, scram_username, write_client_certificate
+
+    try:
+        c = load_consortium(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    if args.party not in c.registry and args.party != "auditor":
+        raise CliError(f"{args.config}: no party {args.party!r}")
+    ca_dir = args.tls or (args.data_dir / "tls")
+    out = args.config.parent / "keys"
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert, key = out / f"{args.party}.crt.pem", out / f"{args.party}.key.pem"
+    try:
+        write_client_certificate(ca_dir, scram_username(c.id, args.party), cert, key)
+    except (OSError, SecurityError) as exc:
+        raise CliError(f"cannot sign with the CA in {ca_dir}: {exc}") from exc
+    print(f"{cert} and {key} (mode 600): set [kafka] certificate and key in the party's file "
+          "and security = \"SSL\" in consortium.toml, bootstrap at the broker's --mtls-port")
     return 0
 
 
@@ -146,7 +174,22 @@ def _add_broker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             q.add_argument("--tls", type=Path,
                            help="a consortium's tls/ from `zerosum init` (CA and broker "
                                 "certificate); default: the data dir's own, made once")
+            q.add_argument("--mtls-port", type=int,
+                           help="also listen for mutual TLS on this port: clients present a "
+                                "certificate signed by the broker's CA (see `zerosum broker "
+                                "client-cert`) instead of a SCRAM password; same ACLs")
         q.set_defaults(func=fn)
+    cc = bsub.add_parser(
+        "client-cert", help="sign a party's client certificate for mutual TLS",
+        description="Mutual TLS instead of SCRAM: a certificate whose CN is the party's "
+                    "principal (<consortium>.<party>), signed by the broker's CA, written to "
+                    "keys/<party>.crt.pem and keys/<party>.key.pem beside the consortium file.")
+    cc.add_argument("--config", type=Path, required=True, help="consortium.toml")
+    cc.add_argument("--party", required=True, help="the party (or auditor)")
+    cc.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                    help="the broker's data dir, whose tls/ holds its CA (default: %(default)s)")
+    cc.add_argument("--tls", type=Path, help="the CA directory instead (a consortium's tls/)")
+    cc.set_defaults(func=cmd_broker_client_cert)
     a = bsub.add_parser(
         "acl", help="create a consortium's topics, SCRAM users and ACLs (or revoke a party)",
         description="The admin step on a secured broker, as its super-user: every inbox topic; "

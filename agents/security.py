@@ -39,18 +39,25 @@ class SecurityError(Exception):
 
 @dataclass(frozen=True)
 class KafkaAccess:
-    """Where Kafka is and, in secure mode, who connects: SASL_SSL with SCRAM-SHA-512.
+    """Where Kafka is and, in secure mode, who connects: SASL_SSL with SCRAM-SHA-512, or
+    mutual TLS (a client certificate signed by the broker's CA, `certfile` and `keyfile`).
 
-    `username` is None for a plaintext connection (`--insecure`)."""
+    Neither a username nor a certificate: a plaintext connection (`--insecure`)."""
 
     bootstrap: str
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
 
     @property
     def secure(self) -> bool:
-        return self.username is not None
+        return self.username is not None or self.certfile is not None
+
+    @property
+    def mutual_tls(self) -> bool:
+        return self.certfile is not None
 
     def aiokafka_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for any aiokafka client (producer, consumer, admin)."""
@@ -58,18 +65,27 @@ class KafkaAccess:
         if self.secure:
             from aiokafka.helpers import create_ssl_context
 
-            kw.update(security_protocol="SASL_SSL", sasl_mechanism=SASL_MECHANISM,
-                      sasl_plain_username=self.username, sasl_plain_password=self.password,
-                      ssl_context=create_ssl_context(cafile=self.cafile))
+            ctx = create_ssl_context(cafile=self.cafile, certfile=self.certfile,
+                                     keyfile=self.keyfile)
+            if self.mutual_tls:
+                kw.update(security_protocol="SSL", ssl_context=ctx)
+            else:
+                kw.update(security_protocol="SASL_SSL", sasl_mechanism=SASL_MECHANISM,
+                          sasl_plain_username=self.username,
+                          sasl_plain_password=self.password, ssl_context=ctx)
         return kw
 
     def kafka_python_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for kafka-python's KafkaAdminClient."""
         kw: dict[str, Any] = {"bootstrap_servers": self.bootstrap}
-        if self.secure:
+        cafile = str(self.cafile) if self.cafile else None
+        if self.mutual_tls:
+            kw.update(security_protocol="SSL", ssl_cafile=cafile,
+                      ssl_certfile=str(self.certfile), ssl_keyfile=str(self.keyfile))
+        elif self.secure:
             kw.update(security_protocol="SASL_SSL", sasl_mechanism=SASL_MECHANISM,
                       sasl_plain_username=self.username, sasl_plain_password=self.password,
-                      ssl_cafile=str(self.cafile) if self.cafile else None)
+                      ssl_cafile=cafile)
         return kw
 
     def as_user(self, username: str | None, password: str | None) -> KafkaAccess:
@@ -198,6 +214,35 @@ def write_broker_keystore(directory: Path, hosts: tuple[str, ...] = BROKER_HOSTS
     return password
 
 
+def write_client_certificate(ca_dir: Path, principal: str, cert_out: Path,
+                             key_out: Path) -> None:
+    """Mutual TLS: a client certificate with CN = `principal` (the party's SCRAM user name,
+    `<consortium>.<party>`), signed by the CA in `ca_dir` (the broker's, or the consortium's
+    from `zerosum init`). The broker maps that CN to `User:<principal>`, so the same ACLs
+    apply whether a party logs in with SCRAM or with its certificate."""
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise SecurityError(f"{ca_dir / 'ca.key'}: not the EC key `zerosum init` writes")
+    ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(_name(principal)).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    write_private(key_out, _key_pem(key))
+    cert_out.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+# the broker's rule from a client certificate's subject to its principal: the CN alone
+PRINCIPAL_MAPPING = "RULE:^CN=([^,]+),O=zerosum$/$1/,DEFAULT"
+
+
 # -- the [kafka] tables of consortium.toml and of a party's file ------------------------------
 def _kafka_table(path: Path) -> dict[str, Any]:
     try:
@@ -227,8 +272,9 @@ def load_access(bootstrap: str, consortium_path: Path, *, party_path: Path | Non
     Relative paths are relative to the file that holds them."""
     shared = _kafka_table(consortium_path)
     security = _field(shared, "security", consortium_path) or "PLAINTEXT"
-    if security not in ("PLAINTEXT", "SASL_SSL"):
-        raise SecurityError(f"{consortium_path} [kafka]: security must be SASL_SSL or PLAINTEXT")
+    if security not in ("PLAINTEXT", "SASL_SSL", "SSL"):
+        raise SecurityError(f"{consortium_path} [kafka]: security must be SASL_SSL, SSL "
+                            "(mutual TLS) or PLAINTEXT")
     if security == "PLAINTEXT":
         return KafkaAccess(bootstrap)
     ca = _field(shared, "ca", consortium_path)
@@ -237,6 +283,17 @@ def load_access(bootstrap: str, consortium_path: Path, *, party_path: Path | Non
         own = _kafka_table(party_path)
         if _field(own, "ca", party_path):
             cafile = (party_path.parent / str(own["ca"])).resolve()
+        if security == "SSL":  # mutual TLS: the party's certificate and key
+            paths = []
+            for key in ("certificate", "key"):
+                value = _field(own, key, party_path)
+                if value is None:
+                    raise SecurityError(f"{party_path}: [kafka] {key} is missing, and "
+                                        f"{consortium_path} says the broker is SSL (mutual "
+                                        "TLS)")
+                paths.append((party_path.parent / value).resolve())
+            check_private(paths[1], "a TLS key file")
+            return KafkaAccess(bootstrap, cafile=cafile, certfile=paths[0], keyfile=paths[1])
         cred = _field(own, "credentials", party_path)
         if credentials is None:
             if cred is None:
