@@ -8,21 +8,25 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from agents.agent import Agent
+from agents.agent import Agent, load_outcome
 from agents.audit import read_and_audit
+from agents.bench import AgentProcess
 from agents.cluster import LocalCluster
-from agents.config import load_consortium
+from agents.config import load_consortium, load_party
+from agents.demo import plaintext
+from agents.run import spool_request
 from protocol.errors import AbortReason
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
-from protocol.tokens import tokenize
+from protocol.tokens import normalise_id, tokenize
 from tests.cluster_util import all_nodes_up, partition_state, wait_for
 from tests.kafka_util import make_consortium, party_access
-from tests.soak import COUNTERS, LEADER_KILLS, ROLLING_RESTARTS
+from tests.soak import COUNTERS, LEADER_KILLS, QUORUM_LOSSES, ROLLING_RESTARTS
 from tests.test_agents_kafka import ATTRS, check, query_ids, running
 
 pytestmark = pytest.mark.kafka
@@ -139,3 +143,103 @@ async def test_rolling_restart_during_a_stream_of_rounds(kafka_cluster: LocalClu
     finally:
         await all_nodes_up(kafka_cluster, topics)
     await audited(d, admin, results)
+
+
+async def _line(p: AgentProcess, needle: str, after: int, timeout_s: float = 30) -> None:
+    """Until the agent's log has a line with `needle` beyond its first `after` lines."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            p.new_line.clear()
+            if any(needle in line for _, line in p.lines[after:]):
+                return
+            await p.new_line.wait()
+
+
+async def _results(p: AgentProcess, results: Path, rounds: list[bytes],
+                   timeout_s: float) -> None:
+    """Until every round has a result file (the agent logs a line after writing each)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            p.new_line.clear()
+            if all((results / f"{r.hex()}.json").exists() for r in rounds):
+                return
+            await p.new_line.wait()
+
+
+async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
+        kafka_cluster: LocalCluster, tmp_path: Path) -> None:
+    admin = kafka_cluster.access()
+    d = make_consortium(tmp_path, admin, 3, customers=150)
+    ids = query_ids(d, 60)
+    cfg = load_party(d / "bank-1.toml")
+    assert cfg.consortium_key is not None
+    tokens = tokenize(ids, cfg.consortium_key)
+    topics = {n: p.topic for n, p in cfg.consortium.registry.items()}
+    results = d / "state" / "bank-1" / "results"
+    want = plaintext(d / "data")
+    by_token = {bytes(t): c for t, c in zip(tokens, ids, strict=True)}
+
+    def ask(n: int) -> list[bytes]:
+        return [spool_request(cfg, tokens, participants=cfg.consortium.institutions,
+                              scope=Scope.INTERSECTION, min_holders=1, timeout_s=180)
+                for _ in range(n)]
+
+    submitted: list[bytes] = []
+    procs = {n: await AgentProcess.start(n, d / f"{n}.toml", admin) for n in NAMES}
+    try:
+        for _ in range(QUORUM_LOSSES):
+            before = ask(4)
+            await _line(procs["coordinator"], "", len(procs["coordinator"].lines))  # mid-round
+            leader = (await partition_state(admin, topics["coordinator"])).leader
+            other = next(n.node_id for n in kafka_cluster.nodes if n.node_id != leader)
+            marks = {n: len(p.lines) for n, p in procs.items()}
+            await asyncio.to_thread(kafka_cluster.kill, leader)
+            await asyncio.to_thread(kafka_cluster.kill, other)
+            COUNTERS["quorum losses"] += 1
+            COUNTERS["cluster node kills"] += 2
+            for n, p in procs.items():  # every agent says so, and waits
+                await _line(p, "Kafka unavailable", marks[n])
+            during = ask(2)
+            for p in procs.values():
+                assert p.proc.returncode is None, f"{p.name} exited while Kafka was away"
+            marks = {n: len(p.lines) for n, p in procs.items()}
+            # no result can be made while two of three nodes are away
+            assert not any((results / f"{r.hex()}.json").exists() for r in during)
+            await asyncio.to_thread(kafka_cluster.start_node, other)  # a majority again
+            for n, p in procs.items():
+                await _line(p, "Kafka available again", marks[n], 60)
+            await _results(procs["bank-1"], results, [*before, *during], 240)
+            submitted += before + during
+            await all_nodes_up(kafka_cluster, list(topics.values()))
+        after = ask(2)
+        await _results(procs["bank-1"], results, after, 120)
+        submitted += after
+    finally:
+        for p in procs.values():
+            await p.stop()
+        await all_nodes_up(kafka_cluster, list(topics.values()))
+    published = aborted = 0
+    outcomes: dict[bytes, str] = {}
+    for rid in submitted:
+        data, got, totals = load_outcome(results / f"{rid.hex()}.json")
+        if data["status"] == "aborted":
+            assert data["reason"] == "TIMEOUT", data
+            aborted += 1
+            outcomes[rid] = "aborted"
+            continue
+        assert got is not None
+        assert totals is not None
+        published += 1
+        outcomes[rid] = "published"
+        for t, row in zip(got, totals.tolist(), strict=True):
+            exp = want[normalise_id(by_token[bytes(t)])]
+            assert [Decimal(row[0]), Decimal(row[1]).scaleb(-2), Decimal(row[2])] == exp
+    assert published > 0
+    COUNTERS["rounds checked"] += len(submitted)
+    COUNTERS["rounds aborted (typed)"] += aborted
+    run = await read_and_audit(cfg.consortium, party_access(d, admin, "auditor"))
+    assert [str(f) for f in run.report.all_findings()] == []
+    seen = {r.round_id: r.outcome for r in run.report.rounds}
+    assert {rid: seen[rid] for rid in submitted} == outcomes  # each once, as the agent saw it
+    print(f"\n{QUORUM_LOSSES} quorum losses: {published} rounds published, {aborted} aborted; "
+          f"audit: {run.records} records, no finding")
