@@ -42,7 +42,8 @@ def _cluster(args: argparse.Namespace) -> LocalCluster | None:
 
     data_dir: Path | None = args.data_dir
     if args.nodes > 1 or (data_dir is not None and (data_dir / "cluster.json").is_file()):
-        return LocalCluster(data_dir or default_cluster_dir(), nodes=max(args.nodes, 3),
+        nodes = args.nodes if args.nodes > 1 else 3  # (a recorded cluster keeps its own)
+        return LocalCluster(data_dir or default_cluster_dir(), nodes=nodes,
                             port=args.port, controller_port=args.controller_port,
                             insecure=getattr(args, "insecure", False),
                             tls_dir=getattr(args, "tls", None))
@@ -397,6 +398,9 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     b.add_argument("--compare-plaintext", action="store_true",
                    help="run large and small again on a second, --insecure broker and report "
                         "secure beside plaintext (results['security'])")
+    b.add_argument("--cluster", action="store_true",
+                   help="run large and small again on a local three-node cluster (RF 3, "
+                        "min.insync.replicas=2, free ports) and report the cost of replication")
     b.add_argument("--data-dir", type=Path, default=default_data_dir(),
                    help="embedded broker data dir (default: %(default)s)")
     b.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
@@ -453,7 +457,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       json_out=args.json, plot_out=args.plot, bootstrap=args.bootstrap,
                       data_dir=args.data_dir, port=args.port,
                       controller_port=args.controller_port,
-                      compare_plaintext=args.compare_plaintext)
+                      compare_plaintext=args.compare_plaintext,
+                      compare_cluster=args.cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ import pytest
 from agents.cli import main
 from agents.cluster import LocalCluster, cluster_properties
 from agents.config import load_consortium
+from agents.topics import topic_settings
 from protocol.messages import Scope
 from tests.cluster_util import partition_state, topic_config
 from tests.kafka_util import make_consortium
@@ -70,3 +71,26 @@ async def test_agents_run_rounds_on_replicated_topics(kafka_cluster: LocalCluste
             assert check(out, ids, d) > 0
     offsets = await partition_state(admin, "__consumer_offsets")
     assert len(offsets.replicas) == 3
+
+
+def test_the_cli_stops_and_starts_the_whole_cluster(kafka_cluster: LocalCluster,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    where = ["--data-dir", str(kafka_cluster.data_dir)]
+    assert main(["broker", "start", *where]) == 0  # cluster.json there: it is the cluster
+    assert "already running" in capsys.readouterr().out
+    assert main(["broker", "stop", *where]) == 0
+    assert all(info is None for _, info, _ in kafka_cluster.status())
+    assert main(["broker", "status", *where]) == 3
+    capsys.readouterr()
+    assert main(["broker", "start", *where]) == 0
+    out = capsys.readouterr().out
+    assert "cluster of 3 nodes up after" in out
+    assert kafka_cluster.bootstrap in out
+    assert main(["broker", "status", *where]) == 0
+
+
+def test_inbox_replication_fits_the_cluster() -> None:
+    assert [topic_settings(n)[1] for n in (1, 2, 3, 5)] == [1, 2, 3, 3]
+    _, _, configs = topic_settings(3)
+    assert "min.insync.replicas" not in configs  # the broker's: 1 alone, 2 on the cluster
+    assert configs["unclean.leader.election.enable"] == "false"
