@@ -11,15 +11,19 @@ import random
 from decimal import Decimal
 from pathlib import Path
 
+import msgpack
 import pytest
 
-from agents.agent import Agent, load_outcome
+from agents.agent import Agent, load_outcome, read_to_end
 from agents.audit import read_and_audit
 from agents.bench import AgentProcess
 from agents.cluster import LocalCluster
 from agents.config import load_consortium, load_party
 from agents.demo import plaintext
+from agents.outbox import Outbox
 from agents.run import spool_request
+from agents.security import KafkaAccess
+from protocol.envelope import Header
 from protocol.errors import AbortReason
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
@@ -73,21 +77,39 @@ def judge(results: list[Result], agents: dict[str, Agent], d: Path, ids: list[st
     return aborted
 
 
-async def audited(d: Path, admin_access: object, results: list[Result]) -> None:
-    """Read every inbox back as the auditor: each sender's sequence numbers and hash chain
-    have no gap (no acknowledged envelope is missing), every round has exactly one outcome,
-    and the outcomes are the ones the requesters saw."""
-    from agents.security import KafkaAccess
+async def every_envelope_on_the_bus(d: Path, admin: KafkaAccess) -> int:
+    """Each party's journal says how far its hash chain got (every envelope below that was
+    acknowledged before its input was committed); every one of those sequence numbers must be
+    on the bus when the topics are read back. Returns the records read."""
+    consortium = load_consortium(d / "consortium.toml")
+    seqs: dict[str, set[int]] = {}
+    records = 0
+    async for r in read_to_end(admin, [p.topic for p in consortium.registry.values()]):
+        h = Header.decode(msgpack.unpackb(r.value)[1])
+        seqs.setdefault(h.sender, set()).add(h.seq)
+        records += 1
+    for party in consortium.registry:
+        sent = Outbox(load_party(d / f"{party}.toml").state_dir).load_chain().next_seq
+        missing = sorted(set(range(sent)) - seqs.get(party, set()))
+        assert not missing, f"{party}: acknowledged envelopes {missing[:5]} not on the bus"
+        assert max(seqs.get(party, {-1})) == sent - 1, party
+    return records
 
-    assert isinstance(admin_access, KafkaAccess)
+
+async def audited(d: Path, admin: KafkaAccess, results: list[Result]) -> None:
+    """Read every inbox back: every acknowledged envelope is there; as the auditor, each
+    sender's sequence numbers and hash chain have no gap or fork, every round has exactly one
+    outcome, and the outcomes are the ones the requesters saw."""
+    records = await every_envelope_on_the_bus(d, admin)
     run = await read_and_audit(load_consortium(d / "consortium.toml"),
-                               party_access(d, admin_access, "auditor"))
+                               party_access(d, admin, "auditor"))
     assert [str(f) for f in run.report.all_findings()] == []
     outcomes = {r.round_id: r.outcome for r in run.report.rounds}
     for r in results:
         assert r is not None
         assert outcomes[r.round_id] == ("published" if isinstance(r, Outcome) else "aborted")
-    print(f"audit: {run.records} records, {len(run.report.rounds)} rounds, no finding")
+    print(f"audit: {run.records} of {records} records, {len(run.report.rounds)} rounds, "
+          "no finding, no acknowledged envelope missing")
 
 
 async def test_kill_9_of_the_node_leading_an_inbox_mid_round(kafka_cluster: LocalCluster,
@@ -237,6 +259,7 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
     assert published > 0
     COUNTERS["rounds checked"] += len(submitted)
     COUNTERS["rounds aborted (typed)"] += aborted
+    await every_envelope_on_the_bus(d, admin)
     run = await read_and_audit(cfg.consortium, party_access(d, admin, "auditor"))
     assert [str(f) for f in run.report.all_findings()] == []
     seen = {r.round_id: r.outcome for r in run.report.rounds}
