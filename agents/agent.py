@@ -12,6 +12,7 @@ Deadlines come from an injected clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,9 +24,11 @@ from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from numpy.typing import NDArray
 
+from agents.broker import broker_config_dir, read_properties
 from agents.config import PartyConfig
 from agents.data import Snapshot
 from agents.kafka_client import prepare_topics
@@ -51,15 +54,32 @@ SUBMIT_MARGIN_S = 30.0  # past a round's deadline, how long `submit` waits for t
 Clock = Callable[[], float]  # seconds since the epoch
 
 
+def topic_settings() -> tuple[int, int, dict[str, str]]:
+    """(partitions, replication factor, configs) for inbox topics, from broker_config/."""
+    props = read_properties(broker_config_dir() / "topics.properties")
+    partitions = int(props.pop("partitions", "1"))
+    replication = int(props.pop("replication.factor", "1"))
+    return partitions, replication, props
+
+
 async def ensure_topics(bootstrap: str | KafkaAccess, topics: list[str]) -> None:
     """Create the inbox topics that do not exist yet, with the audit settings.
 
     On a secured broker only the admin may (`agents.kafka_admin.provision`); a party there
-    checks that its topics exist (`check_topics`). Replication fits the cluster
-    (`agents.topics`)."""
-    from agents.topics import create_inboxes
-
-    await create_inboxes(bootstrap, topics)
+    checks that its topics exist (`check_topics`)."""
+    partitions, replication, configs = topic_settings()
+    admin = AIOKafkaAdminClient(**as_access(bootstrap).aiokafka_kwargs())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:  # no more replicas than the cluster has brokers (the single node: 1)
+            replication = min(replication, len((await admin.describe_cluster())["brokers"]))
+            with contextlib.suppress(TopicAlreadyExistsError):  # another agent was first
+                await admin.create_topics([NewTopic(t, partitions, replication,
+                                                    topic_configs=configs) for t in missing])
+    finally:
+        await admin.close()
 
 
 async def read_to_end(bootstrap: str | KafkaAccess, topics: list[str], *,

@@ -31,12 +31,11 @@ import msgpack
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from agents.agent import read_to_end
+from agents.agent import ensure_topics, read_to_end
 from agents.config import load_party
 from agents.kafka_admin import init_on_broker
 from agents.run import agents_in_process, party_configs, request_round
 from agents.security import KafkaAccess, as_access
-from agents.topics import create_inboxes
 from protocol.envelope import Header
 from protocol.fixedpoint import AttributeSpec
 from protocol.machine import Outcome
@@ -182,7 +181,7 @@ async def transport_floor(bootstrap: KafkaAccess, routes: dict[str, int]) -> flo
         sender, topic = route.split("->")
         by_sender[sender].append((f"{topic}.floor{suffix}", n))
         per_topic[f"{topic}.floor{suffix}"] += n
-    await create_inboxes(bootstrap, list(per_topic))
+    await ensure_topics(bootstrap, list(per_topic))
 
     async def send(items: list[tuple[str, int]]) -> None:
         p = AIOKafkaProducer(**bootstrap.aiokafka_kwargs(), enable_idempotence=True, acks="all",
@@ -575,12 +574,10 @@ async def cluster_beside(single: dict[str, Any], scenarios: list[str], *, custom
     """The large and small scenarios again on a local three-node cluster (free ports, a
     temporary data dir; RF 3, min.insync.replicas=2, the same security): the cost of
     replication, measured in the same run."""
-    from agents.broker import free_port
-    from agents.cluster import LocalCluster, NodeAddress
+    from agents.cluster import LocalCluster, local_addresses
 
     with tempfile.TemporaryDirectory(prefix="zerosum-bench-cluster-") as tmp:
-        cluster = LocalCluster(Path(tmp), addresses=[NodeAddress(i, free_port(), free_port())
-                                                     for i in (1, 2, 3)])
+        cluster = LocalCluster(Path(tmp), addresses=local_addresses(3))
         try:
             started = await asyncio.to_thread(cluster.start)
             say(f"three-node cluster at {started.bootstrap}, started in {started.seconds:.1f} s")

@@ -21,6 +21,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import time
@@ -40,6 +41,7 @@ from agents.broker import (
     broker_config_dir,
     default_data_dir,
     kafka_cluster_id,
+    port_in_use,
     probe,
     read_properties,
 )
@@ -48,6 +50,23 @@ from agents.security import KafkaAccess, SecurityError, read_credentials
 # three JVMs on a small machine: about 512 MB of heap each
 CLUSTER_JVM_OPTS = ("-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
                     "-Djava.awt.headless=true")
+
+
+def listen_port(rng: random.Random | None = None) -> int:
+    """A free port on 127.0.0.1 below the kernel's ephemeral range (for tests and the bench).
+
+    A port the kernel hands out (`free_port`) can be taken by any outgoing connection as its
+    local port while the node that listened on it is down, and the node could not restart."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = rng or random.Random()
+    for _ in range(1000):
+        port = rng.randrange(max(1024, low // 2), low)
+        if not port_in_use(port):
+            return port
+    raise BrokerError(f"no free port found below {low}")
 
 
 def default_cluster_dir() -> Path:
@@ -72,6 +91,16 @@ def default_addresses(nodes: int, port: int = DEFAULT_PORT,
     """Node i (from 1) on port + 2(i-1) and controller_port + 2(i-1): 9092/9093, 9094/9095..."""
     return [NodeAddress(i, port + 2 * (i - 1), controller_port + 2 * (i - 1))
             for i in range(1, nodes + 1)]
+
+
+def local_addresses(nodes: int = 3) -> list[NodeAddress]:
+    """`nodes` addresses on distinct free ports below the ephemeral range (`listen_port`)."""
+    ports: list[int] = []
+    while len(ports) < 2 * nodes:
+        port = listen_port()
+        if port not in ports:
+            ports.append(port)
+    return [NodeAddress(i + 1, ports[2 * i], ports[2 * i + 1]) for i in range(nodes)]
 
 
 class ClusterNode(LocalBroker):

@@ -112,13 +112,13 @@ class KafkaAdmin:
         """Create the missing inbox topics with the audit settings; return those created."""
         from kafka.errors import TopicAlreadyExistsError
 
-        from agents.topics import topic_settings
+        from agents.agent import topic_settings
 
+        partitions, wanted, configs = topic_settings()
         existing = set(self._client.list_topics())
         missing = [t for t in topics if t not in existing]
-        if missing:  # as many replicas as topics.properties asks, and the cluster has
-            brokers = len(self._client.describe_cluster()["brokers"])
-            partitions, replication, configs = topic_settings(brokers)
+        if missing:  # as many replicas as topics.properties asks, and the cluster has brokers
+            replication = min(wanted, len(self._client.describe_cluster()["brokers"]))
             with contextlib.suppress(TopicAlreadyExistsError):  # another admin was first
                 self._client.create_topics(
                     {t: {"num_partitions": partitions, "replication_factor": replication,

@@ -37,6 +37,6 @@ async def prepare_topics(access: KafkaAccess, topics: list[str]) -> None:
     if access.secure:
         await check_topics(access, topics)
         return
-    from agents.topics import create_inboxes
+    from agents.agent import ensure_topics  # the agent module imports this one
 
-    await create_inboxes(access, topics)
+    await ensure_topics(access, topics)

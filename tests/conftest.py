@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agents.broker import BrokerError, LocalBroker, free_port, probe
-from agents.cluster import LocalCluster, NodeAddress
+from agents.cluster import LocalCluster, local_addresses
 from agents.security import KafkaAccess, SecurityError, read_credentials
 
 
@@ -57,8 +57,7 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     the tests that kill its nodes. A test that stops or kills a node starts it again before
     it ends (`tests.cluster_util.all_nodes_up`)."""
     cluster = LocalCluster(Path(tmp_path_factory.mktemp("cluster")),
-                           addresses=[NodeAddress(i, free_port(), free_port())
-                                      for i in (1, 2, 3)])
+                           addresses=local_addresses(3))  # ports no client connection takes
     try:
         started = cluster.start()
     except BrokerError as exc:
