@@ -292,10 +292,20 @@ class LocalCluster:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(info.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while node.running() is not None and time.monotonic() < deadline:
+
+        def gone() -> bool:
+            # its command line empties before its threads have closed their sockets: wait
+            # for its ports too, or a restart right after would find them taken
+            return node.running() is None and not any(
+                port_in_use(p) for p in (node.port, node.controller_port))
+
+        while not gone() and time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.pid, os.WNOHANG)  # reap it when it is our child
             time.sleep(0.05)  # waiting for the kernel to tear the process down
+        if not gone():
+            raise BrokerError(f"node {node_id} (pid {info.pid}) still holds its ports 30 s "
+                              "after kill -9")
         return info.pid
 
     def stop(self) -> bool:
