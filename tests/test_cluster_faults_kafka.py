@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 from decimal import Decimal
 from pathlib import Path
 
@@ -177,15 +178,33 @@ async def _line(p: AgentProcess, needle: str, after: int, timeout_s: float = 30)
             await p.new_line.wait()
 
 
-async def _results(p: AgentProcess, results: Path, rounds: list[bytes],
+def _alive(procs: dict[str, AgentProcess]) -> None:
+    """Fail with its last lines if an agent has exited: none may crash while Kafka is away."""
+    for p in procs.values():
+        if p.proc.returncode is not None:
+            tail = "\n".join(line for _, line in p.lines[-30:])
+            raise AssertionError(f"{p.name} exited with {p.proc.returncode}:\n{tail}")
+
+
+async def _results(procs: dict[str, AgentProcess], results: Path, rounds: list[bytes],
                    timeout_s: float) -> None:
-    """Until every round has a result file (the agent logs a line after writing each)."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            p.new_line.clear()
-            if all((results / f"{r.hex()}.json").exists() for r in rounds):
-                return
-            await p.new_line.wait()
+    """Until every round has a result file (bank-1 logs a line after writing each); fails at
+    once if any agent exits meanwhile."""
+    p = procs["bank-1"]
+    exits = {asyncio.ensure_future(q.proc.wait()) for q in procs.values()}
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                p.new_line.clear()
+                _alive(procs)
+                if all((results / f"{r.hex()}.json").exists() for r in rounds):
+                    return
+                line = asyncio.ensure_future(p.new_line.wait())
+                await asyncio.wait({line, *exits}, return_when=asyncio.FIRST_COMPLETED)
+                line.cancel()
+    finally:
+        for e in exits:
+            e.cancel()
 
 
 async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
@@ -207,6 +226,7 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
                 for _ in range(n)]
 
     submitted: list[bytes] = []
+    finished = False
     procs = {n: await AgentProcess.start(n, d / f"{n}.toml", admin) for n in NAMES}
     try:
         for _ in range(QUORUM_LOSSES):
@@ -222,24 +242,29 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
             for n, p in procs.items():  # every agent says so, and waits
                 await _line(p, "Kafka unavailable", marks[n])
             during = ask(2)
-            for p in procs.values():
-                assert p.proc.returncode is None, f"{p.name} exited while Kafka was away"
+            _alive(procs)
             marks = {n: len(p.lines) for n, p in procs.items()}
             # no result can be made while two of three nodes are away
             assert not any((results / f"{r.hex()}.json").exists() for r in during)
             await asyncio.to_thread(kafka_cluster.start_node, other)  # a majority again
             for n, p in procs.items():
                 await _line(p, "Kafka available again", marks[n], 60)
-            await _results(procs["bank-1"], results, [*before, *during], 240)
+            await _results(procs, results, [*before, *during], 240)
             submitted += before + during
             await all_nodes_up(kafka_cluster, list(topics.values()))
         after = ask(2)
-        await _results(procs["bank-1"], results, after, 120)
+        await _results(procs, results, after, 120)
         submitted += after
-    finally:
+        finished = True
+    except BaseException:  # what each agent said last, to tell why
         for p in procs.values():
-            await p.stop()
+            tail = "\n".join(line for _, line in p.lines[-20:])
+            print(f"\n--- {p.name} (exit {p.proc.returncode}), last lines:\n{tail}")
+        raise
+    finally:  # the nodes first: an agent finishes the batch in hand before it stops
         await all_nodes_up(kafka_cluster, list(topics.values()))
+        for p in procs.values():
+            await p.stop(signal.SIGTERM if finished else signal.SIGKILL)  # stuck on a fault
     published = aborted = 0
     outcomes: dict[bytes, str] = {}
     for rid in submitted:
