@@ -83,7 +83,8 @@ async def ensure_topics(bootstrap: str | KafkaAccess, topics: list[str]) -> None
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]
-        if missing:
+        if missing:  # no more replicas than the cluster has brokers (the single node: 1)
+            replication = min(replication, len((await admin.describe_cluster())["brokers"]))
             with contextlib.suppress(TopicAlreadyExistsError):  # another agent was first
                 await admin.create_topics([NewTopic(t, partitions, replication,
                                                     topic_configs=configs) for t in missing])

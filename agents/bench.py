@@ -583,10 +583,48 @@ async def masks_beside(dealt: dict[str, Any], access: KafkaAccess, scenarios: li
     return out
 
 
+def beside(single: dict[str, Any], other: dict[str, Any], name: str,
+           say: Say) -> dict[str, Any]:
+    """The headline figures of the single broker beside those of `other` (a second run)."""
+    out: dict[str, Any] = {}
+    for key, field in (("large_round", "seconds"), ("large_round", "transport_floor_s"),
+                       ("small_rounds", "rounds_per_s"), ("small_rounds", "p50_ms"),
+                       ("small_rounds", "p99_ms")):
+        if key in single and key in other:
+            a, b = single[key][field], other[key][field]
+            out[f"{key}.{field}"] = {"single": a, name: b, f"{name}_to_single": b / a}
+            say(f"  {key}.{field}: single broker {a:.2f}, {name} {b:.2f} ({b / a:.2f}x)")
+    return out
+
+
+async def cluster_beside(single: dict[str, Any], scenarios: list[str], *, customers: int,
+                         institutions: int, attributes: int, small: int,
+                         say: Say) -> dict[str, Any]:
+    """The large and small scenarios again on a local three-node cluster (free ports, a
+    temporary data dir; RF 3, min.insync.replicas=2, the same security): the cost of
+    replication, measured in the same run."""
+    from agents.cluster import LocalCluster, local_addresses
+
+    with tempfile.TemporaryDirectory(prefix="zerosum-bench-cluster-") as tmp:
+        cluster = LocalCluster(Path(tmp), addresses=local_addresses(3))
+        try:
+            started = await asyncio.to_thread(cluster.start)
+            say(f"three-node cluster at {started.bootstrap}, started in {started.seconds:.1f} s")
+            replicated = await run_all(cluster.access(), [s for s in scenarios
+                                                          if s in ("large", "small")],
+                                       customers=customers, institutions=institutions,
+                                       attributes=attributes, small=small,
+                                       paillier_customers=0, say=say)
+        finally:
+            await asyncio.to_thread(cluster.stop)
+    return {"figures": replicated, "beside_single": beside(single, replicated, "cluster", say)}
+
+
 def main(*, scenarios: list[str], customers: int, institutions: int, attributes: int,
          small: int, paillier_customers: int, json_out: Path | None, plot_out: Path | None,
          bootstrap: str | None, data_dir: Path, port: int, controller_port: int,
-         compare_plaintext: bool = False, compare_masks: bool = False) -> int:
+         compare_plaintext: bool = False, compare_cluster: bool = False,
+         compare_masks: bool = False) -> int:
     from agents.broker import LocalBroker
 
     def say(text: str) -> None:
@@ -621,6 +659,10 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
             results["masks"] = asyncio.run(masks_beside(
                 results, access, scenarios, customers=customers, institutions=institutions,
                 attributes=attributes, small=small, say=say))
+        if compare_cluster:
+            results["cluster"] = asyncio.run(cluster_beside(
+                results, scenarios, customers=customers, institutions=institutions,
+                attributes=attributes, small=small, say=say))
     finally:
         if broker is not None:
             broker.stop()
@@ -631,10 +673,11 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
     if plot_out is not None:
         plot(results, plot_out)
         say(f"chart written to {plot_out}")
-    correct = all(results.get(k, {}).get(f, True) for k, f in
+    runs = [results, results.get("cluster", {}).get("figures", {})]
+    correct = all(r.get(k, {}).get(f, True) for r in runs for k, f in
                   (("large_round", "correct"), ("paillier", "zerosum_correct"),
                    ("paillier", "paillier_correct")))
     correct = correct and results.get("masks", {}).get("large_round.correct", True)
-    failures = results.get("small_rounds", {}).get("failures", 0) + results.get(
+    failures = sum(r.get("small_rounds", {}).get("failures", 0) for r in runs) + results.get(
         "masks", {}).get("small_rounds.failures", 0)
     return 0 if correct and not failures else 1

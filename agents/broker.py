@@ -263,6 +263,11 @@ class LocalBroker:
         self.log = log or logging.getLogger("zerosum.broker")
         self.insecure = insecure
         self.tls_dir = (tls_dir or self.data_dir / "tls").resolve()
+        self.jvm_opts: tuple[str, ...] = JVM_OPTS
+
+    def cluster_id(self) -> str:
+        """The id the storage is formatted with; a cluster's nodes all use the same one."""
+        return kafka_cluster_id()
 
     # -- files -------------------------------------------------------------------------
     @property
@@ -340,9 +345,14 @@ class LocalBroker:
             raise BrokerError(str(exc)) from exc
         return KafkaAccess(bootstrap, user, password, self.cafile)
 
+    @property
+    def secrets_path(self) -> Path:
+        """The controller listener's password (mode 600); a cluster's nodes share one."""
+        return self.data_dir / "broker-secrets.toml"
+
     def _secrets(self) -> dict[str, str]:
         """Passwords of this data dir (mode 600), made on the first secure start."""
-        path = self.data_dir / "broker-secrets.toml"
+        path = self.secrets_path
         if not path.is_file():
             write_private(path, f'controller_password = "{new_password()}"\n')
         raw = read_properties(path)
@@ -409,7 +419,7 @@ class LocalBroker:
 
     def _java_cmd(self, libs: Path, main: str, *args: str) -> list[str]:
         cfg = broker_config_dir()
-        return ["java", *JVM_OPTS,
+        return ["java", *self.jvm_opts,
                 f"-Dlog4j2.configurationFile={cfg / 'log4j2.properties'}",
                 f"-Dkafka.logs.dir={self.log_dir}",
                 "-cp", f"{libs}/*", main, *args]
@@ -417,7 +427,7 @@ class LocalBroker:
     def _format_once(self, libs: Path) -> None:
         if (self.kraft_dir / "meta.properties").is_file():
             return
-        args = ["format", "--cluster-id", kafka_cluster_id(), "--config", str(self.props_path),
+        args = ["format", "--cluster-id", self.cluster_id(), "--config", str(self.props_path),
                 "--ignore-formatted"]
         secret = None
         if not self.insecure:  # the admin super-user exists from the first moment
@@ -440,27 +450,8 @@ class LocalBroker:
             if current is not None:
                 return StartResult(current.bootstrap, 0.0, already_running=True,
                                    secure=current.secure)
-            check_java()
-            for name, p in (("--port", self.port), ("--controller-port", self.controller_port)):
-                if port_in_use(p):
-                    raise BrokerError(f"port {p} on 127.0.0.1 is already in use by another "
-                                      f"program; stop it or choose another {name}")
-            libs = fetch_jars(self.cache_dir, broker_config_dir(), log=self.log)
             t0 = time.monotonic()
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._write_properties()
-            self._format_once(libs)
-            console = open(self.log_dir / "console.log", "ab")  # noqa: SIM115 - child owns it
-            try:
-                proc = subprocess.Popen(
-                    self._java_cmd(libs, "kafka.Kafka", str(self.props_path)),
-                    stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                    start_new_session=True, cwd=self.data_dir)
-            finally:
-                console.close()
-            info = BrokerInfo(proc.pid, self.port, self.controller_port, time.time(),
-                              secure=not self.insecure, mtls_port=self.mtls_port)
-            self.info_path.write_text(json.dumps(info.__dict__) + "\n")
+            proc, info = self.launch()
             try:
                 self._wait_ready(proc, self.access(info))
             except BrokerError:
@@ -469,7 +460,36 @@ class LocalBroker:
             return StartResult(info.bootstrap, time.monotonic() - t0, already_running=False,
                                secure=info.secure)
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], bootstrap: KafkaAccess) -> None:
+    def launch(self) -> tuple[subprocess.Popen[bytes], BrokerInfo]:
+        """Check, fetch, configure, format once and spawn the JVM; do not wait for it.
+
+        The caller holds the lock (`start`) or owns the data dir (a cluster's nodes, which
+        must all be spawned before any of them can elect a controller)."""
+        check_java()
+        for name, p in (("--port", self.port), ("--controller-port", self.controller_port)):
+            if port_in_use(p):
+                raise BrokerError(f"port {p} on 127.0.0.1 is already in use by another "
+                                  f"program; stop it or choose another {name}")
+        libs = fetch_jars(self.cache_dir, broker_config_dir(), log=self.log)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._write_properties()
+        self._format_once(libs)
+        console = open(self.log_dir / "console.log", "ab")  # noqa: SIM115 - child owns it
+        try:
+            proc = subprocess.Popen(
+                self._java_cmd(libs, "kafka.Kafka", str(self.props_path)),
+                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=self.data_dir)
+        finally:
+            console.close()
+        info = BrokerInfo(proc.pid, self.port, self.controller_port, time.time(),
+                          secure=not self.insecure, mtls_port=self.mtls_port)
+        self.info_path.write_text(json.dumps(info.__dict__) + "\n")
+        return proc, info
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], bootstrap: KafkaAccess,
+                    brokers: int = 1) -> None:
+        """Until a metadata request through `bootstrap` reports at least `brokers` brokers."""
         deadline = time.monotonic() + START_TIMEOUT_S
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -477,8 +497,10 @@ class LocalBroker:
                 raise BrokerError(f"Kafka exited with status {proc.returncode} while starting; "
                                   f"last lines of {self.log_dir}:\n{self.log_tail()}")
             try:
-                asyncio.run(probe(bootstrap, timeout_s=2.0))
-                return
+                seen = asyncio.run(probe(bootstrap, timeout_s=2.0))
+                if seen >= brokers:
+                    return
+                last = f"{seen} of {brokers} brokers registered"
             except BrokerError as exc:
                 last = str(exc)
             time.sleep(0.25)  # polling a child process; not a test

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agents.broker import (
     DEFAULT_CONTROLLER_PORT,
@@ -19,6 +20,9 @@ from agents.broker import (
 )
 from agents.config import ConfigError, PartyConfig, load_party
 from agents.security import KafkaAccess
+
+if TYPE_CHECKING:
+    from agents.cluster import LocalCluster
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -32,6 +36,20 @@ INSECURE_WARNING = ("zerosum: WARNING: --insecure: plaintext Kafka, no TLS, no c
                     "For experiments only.")
 
 
+def _cluster(args: argparse.Namespace) -> LocalCluster | None:
+    """The local cluster when `--nodes` asks for one or the data dir holds one; else None."""
+    from agents.cluster import LocalCluster, default_cluster_dir
+
+    data_dir: Path | None = args.data_dir
+    if args.nodes > 1 or (data_dir is not None and (data_dir / "cluster.json").is_file()):
+        nodes = args.nodes if args.nodes > 1 else 3  # (a recorded cluster keeps its own)
+        return LocalCluster(data_dir or default_cluster_dir(), nodes=nodes,
+                            port=args.port, controller_port=args.controller_port,
+                            insecure=getattr(args, "insecure", False),
+                            tls_dir=getattr(args, "tls", None))
+    return None
+
+
 def _broker(args: argparse.Namespace) -> LocalBroker:
     return LocalBroker(args.data_dir, port=args.port, controller_port=args.controller_port,
                        insecure=getattr(args, "insecure", False),
@@ -40,9 +58,20 @@ def _broker(args: argparse.Namespace) -> LocalBroker:
 
 
 def cmd_broker_start(args: argparse.Namespace) -> int:
-    broker = _broker(args)
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
+    cluster = _cluster(args)
+    if cluster is not None:
+        res = cluster.start()
+        mode = "SASL_SSL" if res.secure else "PLAINTEXT (insecure)"
+        state = "already running" if res.already_running else f"up after {res.seconds:.1f} s"
+        print(f"Kafka {KAFKA_VERSION} cluster of {len(cluster.nodes)} nodes {state}, {mode}; "
+              f"bootstrap {res.bootstrap} (data dir {cluster.data_dir})")
+        if res.secure:
+            print(f"clients trust {cluster.cafile}; the admin super-user's credential is "
+                  f"{cluster.admin_credentials}")
+        return 0
+    broker = _broker(args)
     res = broker.start()
     mode = "SASL_SSL" if res.secure else "PLAINTEXT (insecure)"
     if res.already_running:
@@ -131,7 +160,7 @@ def cmd_broker_acl(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_stop(args: argparse.Namespace) -> int:
-    broker = _broker(args)
+    broker = _cluster(args) or _broker(args)
     if broker.stop():
         print(f"stopped the Kafka broker of {broker.data_dir}")
     else:
@@ -140,6 +169,12 @@ def cmd_broker_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_status(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    if cluster is not None:
+        nodes = cluster.status()
+        for node_id, _, line in nodes:
+            print(f"node {node_id}: {line}")
+        return 0 if all(info is not None for _, info, _ in nodes) else 3
     info, text = _broker(args).status()
     print(text)
     return 0 if info is not None else 3
@@ -160,13 +195,19 @@ def _add_broker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         ("status", cmd_broker_status, "say whether the broker runs and answers (exit 3 if not)"),
     ):
         q = bsub.add_parser(name, help=text, description=text)
-        q.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                       help="where topics, logs and broker.json live "
-                            "(default: %(default)s, or ZEROSUM_BROKER_DIR)")
+        q.add_argument("--data-dir", type=Path,
+                       help="where topics, logs and broker.json live (default: "
+                            f"{default_data_dir()}, or ZEROSUM_BROKER_DIR; with --nodes, "
+                            "the cluster directory beside it)")
         q.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help="client port on 127.0.0.1 (default: %(default)s)")
+                       help="client port on 127.0.0.1 (default: %(default)s); node i of a "
+                            "cluster uses port + 2(i-1)")
         q.add_argument("--controller-port", type=int, default=DEFAULT_CONTROLLER_PORT,
-                       help="KRaft controller port on 127.0.0.1 (default: %(default)s)")
+                       help="KRaft controller port on 127.0.0.1 (default: %(default)s); node "
+                            "i of a cluster uses controller-port + 2(i-1)")
+        q.add_argument("--nodes", type=int, default=1,
+                       help="1: the single broker (default); 3 or more: a local KRaft cluster "
+                            "of combined broker + controller nodes, replicated 3 ways")
         if name == "start":
             q.add_argument("--insecure", action="store_true",
                            help="plaintext listener without credentials or ACLs, as before "
@@ -408,6 +449,9 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     b.add_argument("--compare-masks", action="store_true",
                    help="run large and small again with pairwise masks and report them beside "
                         "the dealt masks (results['masks'])")
+    b.add_argument("--cluster", action="store_true",
+                   help="run large and small again on a local three-node cluster (RF 3, "
+                        "min.insync.replicas=2, free ports) and report the cost of replication")
     b.add_argument("--data-dir", type=Path, default=default_data_dir(),
                    help="embedded broker data dir (default: %(default)s)")
     b.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
@@ -465,7 +509,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, port=args.port,
                       controller_port=args.controller_port,
                       compare_plaintext=args.compare_plaintext,
-                      compare_masks=args.compare_masks)
+                      compare_masks=args.compare_masks,
+                      compare_cluster=args.cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,10 +114,11 @@ class KafkaAdmin:
 
         from agents.agent import topic_settings
 
-        partitions, replication, configs = topic_settings()
+        partitions, wanted, configs = topic_settings()
         existing = set(self._client.list_topics())
         missing = [t for t in topics if t not in existing]
-        if missing:
+        if missing:  # as many replicas as topics.properties asks, and the cluster has brokers
+            replication = min(wanted, len(self._client.describe_cluster()["brokers"]))
             with contextlib.suppress(TopicAlreadyExistsError):  # another admin was first
                 self._client.create_topics(
                     {t: {"num_partitions": partitions, "replication_factor": replication,

@@ -18,6 +18,7 @@ from typing import Any
 from agents.agent import Agent, load_outcome
 from agents.config import PartyConfig, load_party
 from agents.data import load_query
+from agents.health import KafkaWatch
 from protocol.fixedpoint import format_decimal
 from protocol.messages import Scope
 from protocol.tokens import Tokens, tokens_to_bytes
@@ -46,6 +47,8 @@ async def agents_in_process(configs: list[PartyConfig],
     exit, each finishing the batch in hand."""
     agents = {c.party: Agent(c) for c in configs}
     tasks = [asyncio.create_task(a.run(), name=n) for n, a in agents.items()]
+    watch = KafkaWatch(configs[0].kafka.bootstrap) if configs else None
+    watcher = asyncio.create_task(watch.run()) if watch else None
     try:
         async with asyncio.timeout(ready_s):
             for a, t in zip(agents.values(), tasks, strict=True):
@@ -57,8 +60,12 @@ async def agents_in_process(configs: list[PartyConfig],
     finally:
         for a in agents.values():
             a.stop()
+        if watch is not None:
+            watch.stop()
         async with asyncio.timeout(120):
             results = await asyncio.gather(*tasks, return_exceptions=True)
+            if watcher is not None:
+                await watcher
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:  # an agent that died must not pass unnoticed
             raise failed[0]
@@ -76,7 +83,13 @@ async def run_agent(cfg: PartyConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
-    await agent.run()
+    watch = KafkaWatch(cfg.kafka.bootstrap)  # says when Kafka cannot be reached, and when over
+    watcher = asyncio.create_task(watch.run())
+    try:
+        await agent.run()
+    finally:
+        watch.stop()
+        await watcher
 
 
 class RoundFailed(Exception):

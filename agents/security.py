@@ -28,8 +28,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SASL_MECHANISM = "SCRAM-SHA-512"
 AUDITOR = "auditor"
-# the names a broker certificate answers to: the local broker, and compose's `kafka` host
-BROKER_HOSTS = ("localhost", "kafka", "127.0.0.1", "::1")
+# the names a broker certificate answers to: the local broker (or cluster), and compose's hosts
+BROKER_HOSTS = ("localhost", "kafka", "kafka-1", "kafka-2", "kafka-3", "127.0.0.1", "::1")
 CERT_DAYS = 825
 
 

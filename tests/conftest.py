@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agents.broker import BrokerError, LocalBroker, free_port, probe
+from agents.cluster import LocalCluster, local_addresses
 from agents.security import KafkaAccess, SecurityError, read_credentials
 
 
@@ -48,6 +49,26 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaA
         yield broker.access()
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A local three-node KRaft cluster (`zerosum broker start --nodes 3`) on free ports, for
+    the tests that kill its nodes. A test that stops or kills a node starts it again before
+    it ends (`tests.cluster_util.all_nodes_up`)."""
+    cluster = LocalCluster(Path(tmp_path_factory.mktemp("cluster")),
+                           addresses=local_addresses(3))  # ports no client connection takes
+    try:
+        started = cluster.start()
+    except BrokerError as exc:
+        cluster.stop()
+        pytest.fail(f"the local Kafka cluster could not start: {exc}", pytrace=False)
+    print(f"\nlocal Kafka cluster (3 nodes, SASL_SSL) at {started.bootstrap}, up in "
+          f"{started.seconds:.1f} s")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

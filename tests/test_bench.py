@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.bench import SPECS, _check_all, judge, write_data
+from agents.bench import SPECS, _check_all, beside, judge, write_data
 from agents.config import load_party
 from agents.data import load_table
 from agents.init import init_consortium
@@ -45,3 +45,17 @@ def test_written_data_and_its_plaintext_agree(tmp_path: Path) -> None:
     assert not _check_all(rows[:-1], expected, SPECS)  # a held row missing
     rows[7][2] = "0.01" if rows[7][2] != "0.01" else "0.02"
     assert not _check_all(rows, expected, SPECS)
+
+
+def test_cluster_figures_go_beside_the_single_brokers() -> None:
+    single = {"large_round": {"seconds": 2.0, "transport_floor_s": 1.0},
+              "small_rounds": {"rounds_per_s": 50.0, "p50_ms": 100.0, "p99_ms": 200.0}}
+    cluster = {"large_round": {"seconds": 3.0, "transport_floor_s": 1.5},
+               "small_rounds": {"rounds_per_s": 25.0, "p50_ms": 200.0, "p99_ms": 500.0}}
+    said: list[str] = []
+    out = beside(single, cluster, "cluster", said.append)
+    assert out["large_round.seconds"] == {"single": 2.0, "cluster": 3.0,
+                                          "cluster_to_single": 1.5}
+    assert out["small_rounds.rounds_per_s"]["cluster_to_single"] == 0.5
+    assert out["small_rounds.p99_ms"]["cluster_to_single"] == 2.5
+    assert len(said) == 5
