@@ -71,8 +71,29 @@ async def wait_for(access: KafkaAccess, topic: str, pred: str,
             await asyncio.sleep(0.2)  # backoff between metadata requests, not a test wait
 
 
+async def offsets_in_sync(access: KafkaAccess, timeout_s: float = WAIT_S) -> None:
+    """Until every partition of __consumer_offsets has all its replicas in sync: killing two
+    nodes before a partition whose ISR shrank to one of them is whole again would leave the
+    agents' offsets offline (no unclean election) until that very node returns."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            admin = AIOKafkaAdminClient(**access.aiokafka_kwargs(), request_timeout_ms=5000)
+            try:
+                await admin.start()
+                [desc] = await admin.describe_topics(["__consumer_offsets"])
+                if all(sorted(p["isr"]) == sorted(p["replicas"]) for p in desc["partitions"]):
+                    return
+            except Exception:  # a node is away: ask again
+                pass
+            finally:
+                await admin.close()
+            await asyncio.sleep(0.2)  # backoff between metadata requests, not a test wait
+
+
 async def all_nodes_up(cluster: LocalCluster, topics: list[str]) -> None:
-    """Start every node that is down, then wait until every topic is fully in sync."""
+    """Start every node that is down, then wait until every topic, and the agents' offsets,
+    are fully in sync."""
     await asyncio.to_thread(cluster.start)
     for t in topics:
         await wait_for(cluster.access(), t, "full-isr")
+    await offsets_in_sync(cluster.access())
