@@ -247,6 +247,21 @@ class StartResult:
     secure: bool = True
 
 
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """One zerosum command at a time in a broker's (or a cluster's) data dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise BrokerError(f"another zerosum command is using {data_dir}") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class LocalBroker:
     """One single-node KRaft broker whose files live under `data_dir`."""
 
@@ -296,18 +311,8 @@ class LocalBroker:
         """The CA certificate that clients of this broker trust."""
         return self.tls_dir / "ca.pem"
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / ".lock", "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise BrokerError(f"another zerosum command is using {self.data_dir}") from exc
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return data_dir_lock(self.data_dir)
 
     def read_info(self) -> BrokerInfo | None:
         try:

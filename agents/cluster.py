@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from agents.broker import (
     LocalBroker,
     StartResult,
     broker_config_dir,
+    data_dir_lock,
     default_data_dir,
     kafka_cluster_id,
     port_in_use,
@@ -189,18 +188,8 @@ class LocalCluster:
                        "controller_port": n.controller_port} for n in self.nodes]},
             indent=1) + "\n")
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / ".lock", "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise BrokerError(f"another zerosum command is using {self.data_dir}") from exc
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return data_dir_lock(self.data_dir)
 
     @property
     def voters(self) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -13,6 +15,8 @@ from agents.cluster import LocalCluster
 from agents.security import KafkaAccess
 
 WAIT_S = 90.0
+POLL_S = 0.2  # between two metadata requests while a cluster changes
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,42 +56,52 @@ async def topic_config(access: KafkaAccess, topic: str) -> dict[str, str]:
         await admin.close()
 
 
-async def wait_for(access: KafkaAccess, topic: str, pred: str,
-                   timeout_s: float = WAIT_S) -> PartitionState:
-    """Until partition 0 of `topic` satisfies `pred`: "full-isr" (all replicas in sync) or
-    "leader-moved:<id>" (led by another node than <id>). Each look is a metadata request; the
-    wait between looks is the request itself, bounded by `timeout_s` overall."""
+async def poll_until(look: Callable[[], Awaitable[T | None]], timeout_s: float) -> T:
+    """The first non-None answer of `look`, asked again until `timeout_s` runs out (then
+    TimeoutError). Partition and ISR state is only known by asking the brokers: there is no
+    event to wait on, so the one pause here is the interval between two metadata requests.
+    A request that fails (a node is away) counts as no answer yet."""
     async with asyncio.timeout(timeout_s):
         while True:
             try:
-                st = await partition_state(access, topic)
+                got = await look()
             except Exception:  # a node is away: ask again
-                await asyncio.sleep(0.2)  # backoff between metadata requests, not a test wait
-                continue
-            if pred == "full-isr" and st.isr == st.replicas and st.leader in st.replicas:
-                return st
-            if pred.startswith("leader-moved:") and st.leader not in (-1, int(pred[13:])):
-                return st
-            await asyncio.sleep(0.2)  # backoff between metadata requests, not a test wait
+                got = None
+            if got is not None:
+                return got
+            await asyncio.sleep(POLL_S)  # the interval between metadata requests
+
+
+async def wait_for(access: KafkaAccess, topic: str, pred: str,
+                   timeout_s: float = WAIT_S) -> PartitionState:
+    """Until partition 0 of `topic` satisfies `pred`: "full-isr" (all replicas in sync) or
+    "leader-moved:<id>" (led by another node than <id>)."""
+    async def look() -> PartitionState | None:
+        st = await partition_state(access, topic)
+        if pred == "full-isr" and st.isr == st.replicas and st.leader in st.replicas:
+            return st
+        if pred.startswith("leader-moved:") and st.leader not in (-1, int(pred[13:])):
+            return st
+        return None
+
+    return await poll_until(look, timeout_s)
 
 
 async def offsets_in_sync(access: KafkaAccess, timeout_s: float = WAIT_S) -> None:
     """Until every partition of __consumer_offsets has all its replicas in sync: killing two
     nodes before a partition whose ISR shrank to one of them is whole again would leave the
     agents' offsets offline (no unclean election) until that very node returns."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            admin = AIOKafkaAdminClient(**access.aiokafka_kwargs(), request_timeout_ms=5000)
-            try:
-                await admin.start()
-                [desc] = await admin.describe_topics(["__consumer_offsets"])
-                if all(sorted(p["isr"]) == sorted(p["replicas"]) for p in desc["partitions"]):
-                    return
-            except Exception:  # a node is away: ask again
-                pass
-            finally:
-                await admin.close()
-            await asyncio.sleep(0.2)  # backoff between metadata requests, not a test wait
+    async def look() -> bool | None:
+        admin = AIOKafkaAdminClient(**access.aiokafka_kwargs(), request_timeout_ms=5000)
+        try:
+            await admin.start()
+            [desc] = await admin.describe_topics(["__consumer_offsets"])
+            return all(sorted(p["isr"]) == sorted(p["replicas"])
+                       for p in desc["partitions"]) or None
+        finally:
+            await admin.close()
+
+    await poll_until(look, timeout_s)
 
 
 async def all_nodes_up(cluster: LocalCluster, topics: list[str]) -> None:
