@@ -1,0 +1,1 @@
+"""zerosum's public client package (the client itself follows)."""
