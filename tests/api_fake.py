@@ -4,7 +4,7 @@ dicts, each round's totals computed in the clear, no Kafka and no cryptography."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -53,6 +53,8 @@ class FakeRoundService:
         self.peak = 0
         self.submitted = 0
         self._listeners: list[asyncio.Queue[Delivery]] = []
+        self.probe: Callable[[], int] | None = None  # read as each submit begins
+        self.probed: list[int] = []
 
     def policy(self) -> ConsortiumPolicy:
         return self._policy
@@ -61,6 +63,8 @@ class FakeRoundService:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         self.submitted += 1
+        if self.probe is not None:
+            self.probed.append(self.probe())
         try:
             self.entered.put_nowait(round_id)
             if self.gate is not None:

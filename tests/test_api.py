@@ -154,6 +154,27 @@ async def test_a_thousand_rounds_at_once_run_with_a_bounded_number_in_flight(
         assert server.errors == {}
 
 
+async def test_a_client_that_asks_too_fast_is_read_no_faster_than_it_is_answered(
+        tmp_path: Path) -> None:
+    h = holdings()
+    gate = asyncio.Event()
+    service = FakeRoundService(policy(), h, gate=gate)
+    async with serving(service, tmp_path, max_in_flight=4, max_pending=10) as server, \
+            Client(tmp_path / "api.sock") as c:
+        service.probe = lambda: server.queued + server.in_flight
+        asking = asyncio.gather(*(c.round([cid], scope="query") for cid in CUSTOMERS[:100]))
+        async with asyncio.timeout(WAIT_S):
+            for _ in range(4):
+                await service.entered.get()
+            gate.set()
+            results = await asking
+        assert [r.rows[0].customer_id for r in results if r.rows] == [
+            cid for cid in CUSTOMERS[:100] if any(cid in h[b] for b in BANKS)]
+        assert service.peak == 4
+        # accepted and not yet answered: never more than max_pending, which was reached
+        assert max(service.probed) == 10
+
+
 async def test_two_clients_on_one_server(tmp_path: Path) -> None:
     h = holdings()
     service = FakeRoundService(policy(), h)
@@ -309,9 +330,10 @@ async def test_a_slow_subscriber_stalls_nobody(tmp_path: Path) -> None:
     h = holdings()
     service = FakeRoundService(policy(), h)
     rounds = 120
-    # a burst of results is at most max_in_flight long: a queue of 4 bursts keeps up with a
-    # subscriber that reads, and not with one that does not
-    async with serving(service, tmp_path, max_in_flight=4, subscriber_queue=16) as server:
+    # a burst of results is at most max_in_flight long: a queue of 8 bursts keeps up with a
+    # subscriber that reads, and not with one that does not (the socket holds a few hundred
+    # kB, some ten deliveries of 400 rows)
+    async with serving(service, tmp_path, max_in_flight=4, subscriber_queue=32) as server:
         slow = await Raw.open(tmp_path / "api.sock")  # subscribes, then reads nothing
         await slow.send({"op": "subscribe", "id": "s"})
         assert (await slow.read())["type"] == "subscribed"
