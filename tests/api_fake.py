@@ -23,17 +23,25 @@ Holdings = dict[str, dict[str, dict[str, Decimal]]]  # institution -> customer -
 
 
 class _Listener:
-    """One `deliveries()` iterator: registered when made, so nothing ends unseen."""
+    """One `deliveries()` iterator: registered when made, so nothing ends unseen. `idle` is
+    set while its reader waits with nothing left: every delivery before has been handled."""
 
-    def __init__(self, listeners: list[asyncio.Queue[Delivery]]) -> None:
+    def __init__(self, listeners: list[_Listener]) -> None:
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
-        listeners.append(self.queue)
+        self.idle = asyncio.Event()
+        listeners.append(self)
 
     def __aiter__(self) -> _Listener:
         return self
 
     async def __anext__(self) -> Delivery:
+        if self.queue.empty():
+            self.idle.set()
         return await self.queue.get()
+
+    def put(self, delivery: Delivery) -> None:
+        self.idle.clear()
+        self.queue.put_nowait(delivery)
 
 
 class FakeRoundService:
@@ -52,7 +60,7 @@ class FakeRoundService:
         self.in_flight = 0
         self.peak = 0
         self.submitted = 0
-        self._listeners: list[asyncio.Queue[Delivery]] = []
+        self._listeners: list[_Listener] = []
         self.probe: Callable[[], int] | None = None  # read as each submit begins
         self.probed: list[int] = []
 
@@ -100,8 +108,14 @@ class FakeRoundService:
             tuple(kept))
 
     def publish(self, delivery: Delivery) -> None:
-        for q in self._listeners:
-            q.put_nowait(delivery)
+        for listener in self._listeners:
+            listener.put(delivery)
+
+    async def handled(self) -> None:
+        """Return once every delivery published so far has been taken and handled by each
+        reader of `deliveries()` (it asked for the next one)."""
+        for listener in self._listeners:
+            await listener.idle.wait()
 
     def contribute(self, round_id: bytes, request: RoundRequest, role: Role) -> Delivery:
         """A round another institution asked for, ending here in `role`: rows by token."""

@@ -380,6 +380,8 @@ async def test_a_client_too_slow_for_its_subscription_gets_lagged(tmp_path: Path
         await asyncio.wait_for(first, WAIT_S)
         for i in range(1, 200):  # far more than the socket and both queues hold
             service.contribute(i.to_bytes(16, "big"), request, Role.CONTRIBUTOR)
+        await asyncio.wait_for(service.handled(), WAIT_S)  # fanned out while nobody read
+        assert server.lagged == 1
         with pytest.raises(SubscriptionLagged):
             await asyncio.wait_for(_drain(events), WAIT_S)
         assert server.lagged == 1

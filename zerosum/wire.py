@@ -84,10 +84,18 @@ class FrameTooLarge(Exception):
         self.limit = limit
 
 
-def encode_frame(frame: dict[str, Any]) -> bytes:
-    """One frame as a line, with the version."""
-    # ASCII: a lone surrogate in a string (valid JSON, not UTF-8) still encodes
-    return json.dumps({"v": VERSION, **frame}, separators=(",", ":")).encode() + b"\n"
+def encode_json(value: Any) -> bytes:
+    """Compact JSON, ASCII only: a lone surrogate in a string (valid JSON, not UTF-8) still
+    encodes, and no byte of it is a newline."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def encode_frame(frame: dict[str, Any], **encoded: bytes) -> bytes:
+    """One frame as a line, with the version. `encoded` fields are JSON already
+    (`encode_json`): a large body made once for many frames."""
+    head = encode_json({"v": VERSION, **frame})
+    tail = b"".join(b',"' + name.encode() + b'":' + value for name, value in encoded.items())
+    return head[:-1] + tail + b"}\n"
 
 
 def version_of(frame: dict[str, Any]) -> int | None:

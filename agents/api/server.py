@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.api.codec import delivery_body, parse_round
+from agents.api.codec import delivery_json, parse_round
 from agents.api.service import Delivery, Refused, RoundRequest, RoundService
 from zerosum.wire import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -72,6 +72,12 @@ class ApiSettings:
             raise ValueError("the TCP listener needs a token")
 
 
+def _failed(request_id: Any, exc: Exception) -> dict[str, Any]:
+    return {"type": FrameType.ERROR.value, "id": request_id,
+            "code": ErrorCode.SERVICE_FAILED.value, "field": None,
+            "detail": f"{type(exc).__name__}: {exc}"[:1024]}
+
+
 class _Lagged:
     """Queue marker: the subscriber fell behind by `dropped` deliveries."""
 
@@ -90,13 +96,13 @@ class _Connection:
         self._lock = asyncio.Lock()
         self.closed = False
 
-    async def send(self, frame: dict[str, Any]) -> None:
+    async def send(self, frame: dict[str, Any], **encoded: bytes) -> None:
         """Write one frame; quietly nothing once the client has gone."""
         if self.closed:
             return
         async with self._lock:
             try:
-                self.writer.write(encode_frame(frame))
+                self.writer.write(encode_frame(frame, **encoded))
                 await self.writer.drain()
             except (ConnectionError, RuntimeError):  # RuntimeError: the transport closed
                 self.closed = True
@@ -106,7 +112,7 @@ class _Subscriber:
     def __init__(self, conn: _Connection, request_id: Any, size: int) -> None:
         self.conn = conn
         self.request_id = request_id
-        self.queue: asyncio.Queue[Delivery | _Lagged] = asyncio.Queue(size)
+        self.queue: asyncio.Queue[tuple[Delivery, bytes] | _Lagged] = asyncio.Queue(size)
         self.task: asyncio.Task[None] | None = None
 
 
@@ -126,10 +132,10 @@ class ApiServer:
         self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._subscribers: set[_Subscriber] = set()
-        self._retained: deque[Delivery] = deque(maxlen=max(settings.retained, 0))
-        # a delivery's body, made once however many subscribers it goes to
-        self._bodies: weakref.WeakKeyDictionary[Delivery, dict[str, Any]] = (
-            weakref.WeakKeyDictionary())
+        self._retained: deque[tuple[Delivery, bytes]] = deque(maxlen=max(settings.retained,
+                                                                          0))
+        # a delivery as JSON, made once for its requester and every subscriber
+        self._bodies: weakref.WeakKeyDictionary[Delivery, bytes] = weakref.WeakKeyDictionary()
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -349,25 +355,31 @@ class ApiServer:
                          request: RoundRequest) -> None:
         try:
             answer: dict[str, Any]
+            delivery: Delivery | None = None
+            body: dict[str, bytes] = {}
             async with self._slots:
                 self.queued -= 1
                 self.in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                 try:
                     delivery = await self.service.submit(round_id, request)
-                    answer = {"type": FrameType.RESULT.value, "id": rid,
-                              "delivery": self._body(delivery)}
                 except Refused as exc:
                     answer = {"type": FrameType.ERROR.value, "id": rid, "code": exc.code.value,
                               "field": exc.field, "detail": exc.detail}
                 except Exception as exc:
                     self.log.exception("round %s failed in the agent", round_id.hex())
-                    answer = {"type": FrameType.ERROR.value, "id": rid,
-                              "code": ErrorCode.SERVICE_FAILED.value, "field": None,
-                              "detail": f"{type(exc).__name__}: {exc}"[:1024]}
+                    answer = _failed(rid, exc)
                 finally:
                     self.in_flight -= 1
-            await conn.send(answer)  # the slot is free before a slow client reads this
+            if delivery is not None:  # the slot is free before the rows are formatted
+                try:
+                    body["delivery"] = await self._encoded(delivery)
+                    answer = {"type": FrameType.RESULT.value, "id": rid}
+                except Exception as exc:
+                    self.log.exception("round %s: its result cannot be encoded",
+                                       round_id.hex())
+                    answer = _failed(rid, exc)
+            await conn.send(answer, **body)
         finally:
             conn.pending.release()
 
@@ -405,27 +417,35 @@ class ApiServer:
                                      "dropped": item.dropped})
                 sub.conn.subscription = None
                 return
-            await sub.conn.send({"type": FrameType.DELIVERY.value, "id": sub.request_id,
-                                 "delivery": self._body(item)})
+            await sub.conn.send({"type": FrameType.DELIVERY.value, "id": sub.request_id},
+                                delivery=item[1])
 
-    def _body(self, delivery: Delivery) -> dict[str, Any]:
+    async def _encoded(self, delivery: Delivery) -> bytes:
+        """The delivery as JSON, made in a thread: a large round's rows take seconds to
+        format, and the agent's loop carries on meanwhile."""
         body = self._bodies.get(delivery)
         if body is None:
-            body = self._bodies[delivery] = delivery_body(delivery)
+            body = self._bodies[delivery] = await asyncio.to_thread(delivery_json, delivery)
         return body
 
     async def _pump(self, deliveries: AsyncIterator[Delivery]) -> None:
         async for delivery in deliveries:
-            self._fan_out(delivery)
+            try:
+                body = await self._encoded(delivery)
+            except Exception:
+                self.log.exception("round %s: its delivery cannot be encoded; not delivered",
+                                   delivery.round_id.hex())
+                continue
+            self._fan_out(delivery, body)
 
-    def _fan_out(self, delivery: Delivery) -> None:
+    def _fan_out(self, delivery: Delivery, body: bytes) -> None:
         """To every subscriber's queue, without waiting: a full queue ends its subscription."""
         if not self._subscribers:
-            self._retained.append(delivery)
+            self._retained.append((delivery, body))
             return
         for sub in list(self._subscribers):
             try:
-                sub.queue.put_nowait(delivery)
+                sub.queue.put_nowait((delivery, body))
             except asyncio.QueueFull:
                 dropped = sub.queue.qsize() + 1
                 while not sub.queue.empty():
