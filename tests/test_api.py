@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agents.api import ApiServer, ApiSettings, RoundRequest
+from agents.api import ApiServer, ApiSettings, Refused, RoundRequest
 from agents.api.server import SocketPathError
 from agents.api.service import roles
 from protocol.messages import Scope
@@ -30,7 +30,7 @@ from zerosum import (
     RoundResult,
     SubscriptionLagged,
 )
-from zerosum.wire import FrameReader, decode_frame, encode_frame
+from zerosum.wire import ErrorCode, FrameReader, decode_frame, encode_frame
 
 BANKS = ("bank-1", "bank-2", "bank-3")
 CUSTOMERS = [f"CUST-{i:04d}" for i in range(400)]
@@ -324,6 +324,31 @@ async def test_an_abort_is_a_typed_exception(tmp_path: Path) -> None:
             await asyncio.wait_for(c.round(CUSTOMERS[:3]), WAIT_S)
         assert (caught.value.reason, caught.value.culprits) == ("TIMEOUT", ("bank-3",))
         assert caught.value.detail == "bank-3 did not answer"
+
+
+async def test_an_agent_that_fails_or_refuses_a_round_harms_nothing(tmp_path: Path) -> None:
+    class Failing(FakeRoundService):
+        async def submit(self, round_id: bytes, request: RoundRequest) -> Any:
+            if request.customer_ids[0] == "BOOM":
+                raise RuntimeError("the agent's bug")
+            if request.customer_ids[0] == "NOPE":
+                raise Refused(ErrorCode.BELOW_FLOOR, "the differencing guard says no",
+                              "participants")
+            return await super().submit(round_id, request)
+
+    h = holdings()
+    async with serving(Failing(policy(), h), tmp_path) as server, \
+            Client(tmp_path / "api.sock") as c:
+        with pytest.raises(RequestRefused) as caught:
+            await asyncio.wait_for(c.round(["BOOM"]), WAIT_S)
+        assert caught.value.code == "service_failed"
+        assert "the agent's bug" in caught.value.detail
+        with pytest.raises(RequestRefused) as caught:
+            await asyncio.wait_for(c.round(["NOPE"]), WAIT_S)
+        assert (caught.value.code, caught.value.field) == ("below_floor", "participants")
+        check_exact(await asyncio.wait_for(c.round(CUSTOMERS[:3], scope="query"), WAIT_S), h,
+                    CUSTOMERS[:3])
+        assert server.errors == {"service_failed": 1, "below_floor": 1}
 
 
 async def test_a_slow_subscriber_stalls_nobody(tmp_path: Path) -> None:

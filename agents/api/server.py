@@ -72,12 +72,6 @@ class ApiSettings:
             raise ValueError("the TCP listener needs a token")
 
 
-def _failed(request_id: Any, exc: Exception) -> dict[str, Any]:
-    return {"type": FrameType.ERROR.value, "id": request_id,
-            "code": ErrorCode.SERVICE_FAILED.value, "field": None,
-            "detail": f"{type(exc).__name__}: {exc}"[:1024]}
-
-
 class _Lagged:
     """Queue marker: the subscriber fell behind by `dropped` deliveries."""
 
@@ -276,11 +270,15 @@ class ApiServer:
             self._unsubscribe(conn)
             conn.writer.close()
 
+    def _error_frame(self, request_id: Any, code: ErrorCode, detail: str,
+                     field: str | None = None) -> dict[str, Any]:
+        self.errors[code.value] = self.errors.get(code.value, 0) + 1
+        return {"type": FrameType.ERROR.value, "id": request_id, "code": code.value,
+                "field": field, "detail": detail[:1024]}
+
     async def _error(self, conn: _Connection, request_id: Any, code: ErrorCode, detail: str,
                      field: str | None = None) -> None:
-        self.errors[code.value] = self.errors.get(code.value, 0) + 1
-        await conn.send({"type": FrameType.ERROR.value, "id": request_id, "code": code.value,
-                         "field": field, "detail": detail})
+        await conn.send(self._error_frame(request_id, code, detail, field))
 
     async def _frame(self, conn: _Connection, line: bytes) -> None:
         try:
@@ -321,8 +319,7 @@ class ApiServer:
             await self._error(conn, rid, exc.code, exc.detail, exc.field)
         except Exception as exc:  # a bug here ends neither the connection nor the server
             self.log.exception("API request %r failed", op)
-            await self._error(conn, rid, ErrorCode.SERVICE_FAILED,
-                              f"{type(exc).__name__}: {exc}"[:1024])
+            await self._error(conn, rid, ErrorCode.SERVICE_FAILED, f"{type(exc).__name__}: {exc}")
 
     async def _hello(self, conn: _Connection, rid: Any, frame: dict[str, Any]) -> None:
         token = frame.get("token")
@@ -364,11 +361,11 @@ class ApiServer:
                 try:
                     delivery = await self.service.submit(round_id, request)
                 except Refused as exc:
-                    answer = {"type": FrameType.ERROR.value, "id": rid, "code": exc.code.value,
-                              "field": exc.field, "detail": exc.detail}
+                    answer = self._error_frame(rid, exc.code, exc.detail, exc.field)
                 except Exception as exc:
                     self.log.exception("round %s failed in the agent", round_id.hex())
-                    answer = _failed(rid, exc)
+                    answer = self._error_frame(rid, ErrorCode.SERVICE_FAILED,
+                                               f"{type(exc).__name__}: {exc}")
                 finally:
                     self.in_flight -= 1
             if delivery is not None:  # the slot is free before the rows are formatted
@@ -378,7 +375,8 @@ class ApiServer:
                 except Exception as exc:
                     self.log.exception("round %s: its result cannot be encoded",
                                        round_id.hex())
-                    answer = _failed(rid, exc)
+                    answer = self._error_frame(rid, ErrorCode.SERVICE_FAILED,
+                                               f"{type(exc).__name__}: {exc}")
             await conn.send(answer, **body)
         finally:
             conn.pending.release()
