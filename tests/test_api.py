@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import random
+import socket
 import stat
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -454,6 +455,14 @@ async def test_the_socket_is_private_and_not_taken_twice(tmp_path: Path) -> None
             await asyncio.wait_for(second.run(), WAIT_S)
         assert server.status()["connections"] == 0
     assert not path.exists()  # removed on stop
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # an agent that died
+    stale.bind(str(path))
+    stale.close()
+    async with serving(service, tmp_path), Client(path) as c:
+        assert (await asyncio.wait_for(c.status(), WAIT_S))["api"]["connections"] == 1
+    path.write_text("not a socket")
+    with pytest.raises(SocketPathError, match="not a socket"):
+        await asyncio.wait_for(ApiServer(service, ApiSettings(path)).run(), WAIT_S)
     too_long = ApiServer(service, ApiSettings(tmp_path / ("x" * 120)))
     with pytest.raises(SocketPathError, match=r"\[api\] socket"):
         await asyncio.wait_for(too_long.run(), WAIT_S)
