@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/zerosum demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check agents protocol tests
+	$(VENV)/bin/ruff check agents protocol zerosum tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
@@ -37,7 +37,7 @@ soak: $(STAMP)
 		tests/test_hostile_kafka.py tests/test_fuzz.py tests/test_cluster_faults_kafka.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check agents protocol tests
+	$(VENV)/bin/ruff check agents protocol zerosum tests
 	$(VENV)/bin/mypy
 
 broker-start: $(STAMP)

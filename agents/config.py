@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class Policy:
     max_query: int = DEFAULT_MAX_QUERY
     difference_window: int = DEFAULT_DIFFERENCE_WINDOW
     masks: str = "dealt"
+    max_in_flight: int = 32  # rounds one institution's API runs at once; the rest queue
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
     "max_query": (int, DEFAULT_MAX_QUERY, 1),
     "difference_window": (int, DEFAULT_DIFFERENCE_WINDOW, 0),
     "masks": (str, "dealt", None),
+    "max_in_flight": (int, 32, 1),
 }
 
 
@@ -181,6 +183,58 @@ def load_consortium(path: Path) -> Consortium:
                       policy, attributes, registry)
 
 
+MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with its NUL
+API_SOCKET_NAME = "api.sock"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """[api] of a party's TOML: the local API's Unix socket (default
+    `<state_dir>/api.sock`, mode 600) and, optionally, a TCP port on 127.0.0.1 that asks
+    for the token in `token_file` (mode 600)."""
+
+    socket: Path | None = None  # None: <state_dir>/api.sock
+    tcp_port: int | None = None
+    token: str | None = field(default=None, repr=False)
+
+
+_API_FIELDS = ("socket", "tcp_port", "token_file")
+
+
+def _api(table: Any, where: str, base: Path) -> ApiConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    if unknown := sorted(set(table) - set(_API_FIELDS)):
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: "
+                          f"{', '.join(_API_FIELDS)})")
+    socket = None
+    if "socket" in table:
+        socket = (base / _get(table, "socket", str, where)).resolve()
+        if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
+            raise ConfigError(f"{where}: field 'socket' ({socket}) is longer than the "
+                              f"{MAX_SOCKET_PATH} bytes a Unix socket path may have")
+    port = token = None
+    if "tcp_port" in table:
+        port = _get(table, "tcp_port", int, where)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{where}: field 'tcp_port' must be 0..65535")
+        if "token_file" not in table:
+            raise ConfigError(f"{where}: field 'tcp_port' needs field 'token_file' (the "
+                              "token a TCP client must present)")
+    if "token_file" in table:
+        tpath = (base / _get(table, "token_file", str, where)).resolve()
+        _check_private_file(tpath)
+        try:
+            token = tpath.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}: field 'token_file': cannot read {tpath}: "
+                              f"{exc}") from exc
+        if len(token) < 16:
+            raise ConfigError(f"{where}: field 'token_file': {tpath} holds fewer than 16 "
+                              "characters")
+    return ApiConfig(socket, port, token)
+
+
 @dataclass(frozen=True)
 class PartyConfig:
     path: Path
@@ -193,6 +247,12 @@ class PartyConfig:
     consortium_key: bytes | None  # institutions only
     data: Path | None  # institutions only
     kafka: KafkaAccess  # bootstrap and, in secure mode, the party's SCRAM credential
+    api: ApiConfig = ApiConfig()
+
+    @property
+    def api_socket(self) -> Path:
+        """The local API's Unix socket: [api] socket, or <state_dir>/api.sock."""
+        return self.api.socket or self.state_dir / API_SOCKET_NAME
 
     @property
     def is_coordinator(self) -> bool:
@@ -256,8 +316,9 @@ def load_party(path: Path) -> PartyConfig:
         kafka = load_access(str(bootstrap), consortium.path, party_path=path)
     except SecurityError as exc:
         raise ConfigError(str(exc)) from exc
+    api = _api(raw.get("api", {}), f"{w} [api]", base)
     return PartyConfig(path, party, consortium, keys, rel("state_dir"), str(bootstrap),
-                       log_format, ckey, data, kafka)
+                       log_format, ckey, data, kafka, api)
 
 
 class ConsortiumFile:
