@@ -1,12 +1,17 @@
 """The agent: Kafka in, the party's state machines, Kafka out. One per party, for months.
 
-Input: the party's own inbox topic, read with a fixed assignment (no group rebalances) and a
-group id only to commit offsets. An offset is committed only after every envelope that the
-inputs before it caused is acknowledged by the broker (acks=all, idempotent producer), and those
-envelopes are journaled on disk before they are produced (`Outbox`). On start the agent replays
-its inbox from the beginning: inputs below the committed offset rebuild the rounds' state with
-their outputs suppressed (they are on the bus already); later inputs are processed normally.
-Deadlines come from an injected clock.
+Input: the party's own inbox topic, read with a fixed assignment and no consumer group. How far
+the input has been handled is kept in the state directory (`InboxPosition`), saved only after
+every envelope that the inputs before it caused is acknowledged by the broker (acks=all,
+idempotent producer); those envelopes are journaled on disk before they are produced
+(`Outbox`). On start the agent replays its inbox from the beginning: inputs below the saved
+position rebuild the rounds' state with their outputs suppressed (they are on the bus already);
+later inputs are processed normally. Deadlines come from an injected clock.
+
+Kafka away (a single broker down, a cluster without a majority) stops no loop: a produce that
+is not acknowledged is sent again with backoff, a fetch that fails is tried again. `stop()`
+ends those waits at once: what was journaled and not acknowledged is sent again on the next
+start, and the position stays where it was.
 """
 
 from __future__ import annotations
@@ -18,17 +23,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     InvalidProducerEpoch,
+    KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
     OutOfOrderSequenceNumber,
     TopicAlreadyExistsError,
     UnknownProducerId,
@@ -41,7 +48,9 @@ from agents.data import Snapshot
 from agents.kafka_client import prepare_topics
 from agents.ledger import RoundLedger
 from agents.outbox import Outbox
+from agents.position import InboxPosition
 from agents.security import KafkaAccess, as_access
+from protocol.audit import RESEND_HEADER
 from protocol.envelope import digest
 from protocol.errors import AbortReason, HandlingFailed
 from protocol.machine import Ended, Outcome, Published, SetTimer
@@ -57,11 +66,22 @@ from protocol.party import (
 )
 from protocol.tokens import Tokens, tokens_from_bytes, tokens_to_bytes
 
+T = TypeVar("T")
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
 SUBMIT_MARGIN_S = 30.0  # past a round's deadline, how long `submit` waits for the abort
 # errors after which the idempotent producer's state is useless: replace the producer
 PRODUCER_STATE_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
 Clock = Callable[[], float]  # seconds since the epoch
+CLIENT_STOP_S = 10.0  # how long a stopping agent lets its Kafka clients close before it leaves
+STUCK_AFTER_S = 10.0  # a consumer idle this long while its inbox has more is rebuilt
+PROBE_S = 5.0  # how long a look at the inbox's end offset may take
+PRODUCE_TIMEOUT_MS = 20_000  # a send not acknowledged by then is sent again
+LEGACY_GROUP_S = 30.0  # how long a first start under this version asks for the group's offset
+
+
+class Stopping(Exception):
+    """`stop()` was called while the agent waited for Kafka: leave the work in hand undone
+    (it is journaled, or its input is not yet past the saved position)."""
 
 
 def topic_settings() -> tuple[int, int, dict[str, str]]:
@@ -145,6 +165,7 @@ class Agent:
         self.log = log or logging.getLogger(f"zerosum.{cfg.party}")
         self.outbox = Outbox(cfg.state_dir)
         self.ledger = RoundLedger(cfg.state_dir)
+        self.position = InboxPosition(cfg.state_dir)
         # ledger entries to persist before a send: (round id, inbox offset, envelope digest)
         self._opened: list[tuple[bytes, int, bytes]] = []
         self.stats = Stats()
@@ -187,16 +208,16 @@ class Agent:
         cfg = self.cfg
         await prepare_topics(cfg.kafka, [p.topic for p in cfg.consortium.registry.values()])
         self._producer = self._new_producer()
-        self._consumer = AIOKafkaConsumer(
-            **cfg.kafka.aiokafka_kwargs(), group_id=f"zerosum.{cfg.consortium.id}.{cfg.party}",
-            enable_auto_commit=False, auto_offset_reset="earliest",
-            max_partition_fetch_bytes=MAX_REQUEST_BYTES * 4, fetch_max_bytes=64 * 1024 * 1024,
-            client_id=f"zerosum-{cfg.party}")
+        self._consumer = self._new_consumer()
         await self._producer.start()
         try:
             await self._consumer.start()
             try:
-                await self._recover()
+                try:
+                    await self._recover()
+                except Stopping:
+                    self.log.info("%s stopped while recovering", cfg.party)
+                    return
                 self.ready.set()
                 self.log.info("%s ready on %s (topic %s)", cfg.party, cfg.bootstrap, cfg.topic)
                 # each loop finishes the batch in hand (flush, commit) and returns once stop()
@@ -207,14 +228,61 @@ class Agent:
                     if isinstance(self.party, InstitutionParty):
                         tg.create_task(self._spool_loop())
             finally:
-                await self._consumer.stop()
+                await self._close(self._consumer.stop(), "consumer")
         finally:
-            await self._producer.stop()
+            if self._producer is not None:
+                await self._close(self._producer.stop(), "producer")
             self.log.info("%s stopped: %s", cfg.party, self.stats)
+
+    async def _close(self, closing: Awaitable[None], what: str) -> None:
+        """A client's stop, bounded: with Kafka away a producer would wait for its unsent
+        batches to expire; they are journaled, and sent again on the next start."""
+        try:
+            async with asyncio.timeout(CLIENT_STOP_S):
+                await closing
+        except TimeoutError:
+            self.log.warning("the Kafka %s did not close within %.0f s (Kafka away?); leaving "
+                             "it: its unacknowledged envelopes are journaled", what,
+                             CLIENT_STOP_S)
+        except KafkaError as exc:
+            self.log.warning("the Kafka %s closed with an error: %s", what, exc)
+        except asyncio.CancelledError:
+            # aiokafka's consumer.stop() lets its own cancelled fetch task's CancelledError
+            # out when a fetch was failing (Kafka away); ours, if it is, goes on up
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self.log.warning("the Kafka %s closed while a request to Kafka was failing", what)
+
+    async def _unless_stopped(self, work: Awaitable[T]) -> T:
+        """`work`; once `stop()` is called, it has CLIENT_STOP_S more to finish, then it is
+        cancelled and this raises Stopping (a produce with Kafka away: journaled already)."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not task.done():
+            await asyncio.wait({task}, timeout=CLIENT_STOP_S)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise Stopping
+        return task.result()
+
+    async def _backoff(self, delay: float) -> float:
+        """Wait `delay` seconds (Stopping if `stop()` comes first); the next, longer delay."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._stop.wait()
+        if self._stop.is_set():
+            raise Stopping
+        return min(delay * 2, 5.0)
 
     async def _recover(self) -> None:
         """Re-produce journaled envelopes, then rebuild state from the inbox up to the commit."""
-        assert self._producer is not None
         assert self._consumer is not None
         pending = self.outbox.pending()
         if pending:
@@ -222,16 +290,14 @@ class Agent:
             missing = [(t, w) for t, w in pending if digest(w) not in landed]
             self.log.info("%d journaled envelopes: %d on the bus already, re-sending %d",
                           len(pending), len(pending) - len(missing), len(missing))
-            futures = [await self._producer.send(topic, wire) for topic, wire in missing]
-            await asyncio.gather(*futures)
+            await self._produce(missing, resend=True)
             self.outbox.done(self.party.chain)
         tp = TopicPartition(self.cfg.topic, 0)
         self._consumer.assign([tp])
         # inputs whose outputs were staged are replayed quietly even if their offsets were
         # not committed (a crash between produce and commit): their envelopes are the
         # journaled ones, already re-sent above, never sealed a second time
-        committed = max(await self._consumer.committed(tp) or 0,
-                        self.outbox.staged_through() + 1)
+        committed = max(await self._saved_position(tp), self.outbox.staged_through() + 1)
         start = (await self._consumer.beginning_offsets([tp]))[tp]
         self._consumer.seek(tp, start)
         if committed == 0:
@@ -263,6 +329,33 @@ class Agent:
             self.log.info("replayed %d inputs up to offset %d; %d rounds in flight",
                           self.stats.replayed, committed, len(self.party.running()))
 
+    async def _saved_position(self, tp: TopicPartition) -> int:
+        """The saved position; for a state directory of an earlier version that kept it only
+        as the consumer group's committed offset, that offset, asked for once."""
+        saved = await asyncio.to_thread(self.position.load)
+        if saved is not None:
+            return saved
+        if self.outbox.load_chain().next_seq == 0 and not self.party.ledger:
+            return 0  # a new party: nothing handled yet
+        group = f"zerosum.{self.cfg.consortium.id}.{self.cfg.party}"
+        legacy = AIOKafkaConsumer(**self.cfg.kafka.aiokafka_kwargs(), group_id=group,
+                                  enable_auto_commit=False)
+        try:
+            async with asyncio.timeout(LEGACY_GROUP_S):
+                await legacy.start()
+                offset = await legacy.committed(tp) or 0
+        except (TimeoutError, KafkaError) as exc:
+            raise RuntimeError(
+                f"{self.position.path} is missing and the consumer group {group}'s offset "
+                f"could not be read ({type(exc).__name__}: {exc}); start again when Kafka is "
+                "back") from exc
+        finally:
+            await self._close(legacy.stop(), "consumer of the old group")
+        self.log.info("position taken from the consumer group %s: offset %d (saved from now "
+                      "on in %s)", group, offset, self.position.path)
+        await asyncio.to_thread(self.position.save, offset)
+        return offset
+
     async def _landed(self, topics: set[str], pending: int) -> set[bytes]:
         """Digests of the last records of `topics`: which journaled envelopes landed.
 
@@ -279,25 +372,82 @@ class Agent:
     async def _consume(self) -> None:
         assert self._consumer is not None
         tp = TopicPartition(self.cfg.topic, 0)
+        loop = asyncio.get_running_loop()
+        delay = 0.2
+        next_offset = await self._consumer.position(tp)
+        idle_since = loop.time()
         while not self._stop.is_set():
-            batch = await self._consumer.getmany(tp, timeout_ms=200, max_records=200)
+            if loop.time() - idle_since > STUCK_AFTER_S:
+                idle_since = loop.time()
+                if await self._stuck(tp, next_offset):
+                    await self._replace_consumer(tp, next_offset)
+            try:
+                batch = await self._consumer.getmany(tp, timeout_ms=200, max_records=200)
+            except KafkaError as exc:  # the fetcher retries by itself; this is what it gave up
+                self.log.warning("fetching %s failed (%s); again in %.1f s", tp.topic, exc,
+                                 delay)
+                try:
+                    delay = await self._backoff(delay)
+                except Stopping:
+                    return
+                continue
+            delay = 0.2
             records = batch.get(tp, [])
             if not records:
                 continue
+            idle_since = loop.time()
+            next_offset = records[-1].offset + 1
             async with self._lock:
                 self._refresh_data()
                 for r in records:
                     self.stats.received += 1
                     self._handle(self._receive(r.value, r.offset))
-                flushed = await self._flush(through=records[-1].offset)
+                try:
+                    flushed = await self._flush(through=records[-1].offset)
+                except Stopping:  # journaled; the position stays before these inputs
+                    return
                 if flushed and self._failpoint:
                     self._failpoint -= 1
                     if self._failpoint == 0:  # crash tests: die between produce and commit
                         self.log.warning("failpoint: exiting before the commit")
                         os._exit(137)
-                await self._commit({tp: records[-1].offset + 1})
+                await asyncio.to_thread(self.position.save, records[-1].offset + 1)
             async with self._progress:
                 self._progress.notify_all()
+
+    async def _stuck(self, tp: TopicPartition, next_offset: int) -> bool:
+        """After STUCK_AFTER_S without input: does the inbox hold more than the consumer
+        delivers, or can the consumer not even tell? A Kafka client keeps the brokers of its
+        last metadata and asks only them (aiokafka has no re-bootstrap); when those are the
+        nodes still down after an outage, it waits for them forever."""
+        assert self._consumer is not None
+        try:
+            async with asyncio.timeout(PROBE_S):
+                end = (await self._consumer.end_offsets([tp]))[tp]
+        except (TimeoutError, KafkaError) as exc:
+            self.log.warning("the inbox's end offset is unknown (%s)", type(exc).__name__)
+            return True
+        return bool(end > next_offset)
+
+    async def _replace_consumer(self, tp: TopicPartition, next_offset: int) -> None:
+        """A new consumer, bootstrapped again from every configured address, at
+        `next_offset`; the old one stays if the new one cannot start (Kafka away)."""
+        consumer = self._new_consumer()
+        try:
+            async with asyncio.timeout(PROBE_S * 2):
+                await consumer.start()
+        except (TimeoutError, KafkaError) as exc:
+            self.log.warning("a new consumer could not start (%s); keeping the old one",
+                             type(exc).__name__)
+            await self._close(consumer.stop(), "consumer")
+            return
+        consumer.assign([tp])
+        consumer.seek(tp, next_offset)
+        old, self._consumer = self._consumer, consumer
+        if old is not None:
+            await self._close(old.stop(), "consumer")
+        self.log.warning("consumer replaced (bootstrapped again from %s) at offset %d",
+                         self.cfg.bootstrap, next_offset)
 
     def _receive(self, wire: bytes, offset: int) -> list[Event]:
         """One record into the party. The party never raises on input; should it all the
@@ -316,7 +466,10 @@ class Agent:
                     for rid in due:
                         self.timers.pop(rid, None)
                         self._handle(self.party.deadline(rid))
-                    await self._flush()
+                    try:
+                        await self._flush()
+                    except Stopping:
+                        return
                 continue
             wait = min((at - now_ms for at in self.timers.values()), default=1000) / 1000
             self._timers_changed.clear()
@@ -346,6 +499,8 @@ class Agent:
                                       min_holders=int(req["min_holders"]),
                                       timeout_s=float(req["timeout_s"]), wait=False,
                                       deadline_ms=deadline_ms)
+                except Stopping:  # journaled: sent on the next start, the file asks again
+                    return
                 except Exception as exc:  # a bad spool file never stops the agent
                     self.log.error("bad round request %s: %s: %s", path.name,
                                    type(exc).__name__, exc)
@@ -512,13 +667,19 @@ class Agent:
         tmp.replace(base.with_suffix(".json"))
         self.log.info("round %s: result for `zerosum round` in %s", round_id.hex(), out)
 
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            **self.cfg.kafka.aiokafka_kwargs(), group_id=None, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_partition_fetch_bytes=MAX_REQUEST_BYTES * 4,
+            fetch_max_bytes=64 * 1024 * 1024, client_id=f"zerosum-{self.cfg.party}")
+
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
             **self.cfg.kafka.aiokafka_kwargs(), enable_idempotence=True, acks="all",
             max_request_size=MAX_REQUEST_BYTES, linger_ms=2,
-            client_id=f"zerosum-{self.cfg.party}")
+            request_timeout_ms=PRODUCE_TIMEOUT_MS, client_id=f"zerosum-{self.cfg.party}")
 
-    async def _produce(self, items: list[tuple[str, bytes]]) -> None:
+    async def _produce(self, items: list[tuple[str, bytes]], *, resend: bool = False) -> None:
         """Produce and await every ack; what failed (a broker away longer than the producer's
         own retries) is sent again, with backoff, until the broker is back.
 
@@ -527,13 +688,13 @@ class Agent:
         that partition then fails with OutOfOrderSequenceNumber. The producer is replaced
         then, with a new producer id; a copy that did land is an exact duplicate, which
         receivers drop."""
-        assert self._producer is not None
         delay = 0.2
+        attempts = 0
         while items:
+            attempts += 1
             results: list[object] = []
             try:
-                futures = [await self._producer.send(t, w) for t, w in items]
-                results = list(await asyncio.gather(*futures, return_exceptions=True))
+                results = await self._unless_stopped(self._send_all(items, resend))
             except KafkaError as exc:
                 results = [exc] * len(items)
             failed = [it for it, r in zip(items, results, strict=True)
@@ -543,28 +704,55 @@ class Agent:
             self.log.warning("%d of %d envelopes not acknowledged (%s); sending them again in "
                              "%.1f s", len(failed), len(items), next(
                                  r for r in results if isinstance(r, BaseException)), delay)
-            if any(isinstance(r, PRODUCER_STATE_ERRORS) for r in results):
-                await self._producer.stop()
-                self._producer = self._new_producer()
-                await self._producer.start()
-                self.log.warning("producer replaced (new producer id) after %s",
-                                 next(type(r).__name__ for r in results
-                                      if isinstance(r, PRODUCER_STATE_ERRORS)))
-            await asyncio.sleep(delay)  # backoff while the broker is away
-            delay = min(delay * 2, 5.0)
+            # a stall or a second failure in a row: a new producer, bootstrapped again (the
+            # old one may be asking only nodes that are down; see `_stuck`)
+            if self._producer is None or attempts >= 2 or any(
+                    isinstance(r, (KafkaTimeoutError, *PRODUCER_STATE_ERRORS))
+                    for r in results):
+                await self._replace_producer(results)
+            delay = await self._backoff(delay)  # while the broker is away
             items = failed
+            resend = True
 
-    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
-        assert self._consumer is not None
-        delay = 0.2
-        while True:
-            try:
-                await self._consumer.commit(offsets)
-                return
-            except KafkaError as exc:
-                self.log.warning("offset commit failed (%s); again in %.1f s", exc, delay)
-                await asyncio.sleep(delay)  # backoff while the broker is away
-                delay = min(delay * 2, 5.0)
+    async def _send_all(self, items: list[tuple[str, bytes]], resend: bool) -> list[object]:
+        """Send `items` and wait for their acks; each result is its record's metadata or the
+        exception that failed it.
+
+        The wait ends when no ack has come for PRODUCE_TIMEOUT_MS: the records still waiting
+        count as failed (KafkaTimeoutError). aiokafka's own timeout does not cover a leader it
+        cannot reach: it retries such a batch for ever."""
+        if self._producer is None:
+            raise KafkaConnectionError("no producer (its replacement could not start)")
+        headers = [RESEND_HEADER] if resend else None  # the audit tells a re-send by it
+        futures = [await self._producer.send(t, w, headers=headers) for t, w in items]
+        waiting: set[asyncio.Future[Any]] = set(futures)
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, timeout=PRODUCE_TIMEOUT_MS / 1000)
+            if not done:
+                break
+        for f in waiting:  # left to the old producer; never awaited again
+            f.add_done_callback(_retrieve)
+        return [f.exception() or f.result() if f.done() else KafkaTimeoutError(
+            f"no ack in {PRODUCE_TIMEOUT_MS / 1000:.0f} s") for f in futures]
+
+    async def _replace_producer(self, results: list[object]) -> None:
+        """A new producer (a new producer id) after an error that spoils the idempotent
+        producer's sequence numbers. With Kafka away the new one may not start: then there is
+        none until a later attempt starts one."""
+        why = next((type(r).__name__ for r in results if isinstance(r, BaseException)),
+                   "a failed start")
+        if self._producer is not None:
+            await self._close(self._producer.stop(), "producer")
+            self._producer = None
+        producer = self._new_producer()
+        try:
+            await self._unless_stopped(producer.start())
+        except KafkaError as exc:
+            self.log.warning("a new producer could not start (%s); trying again", exc)
+            await self._close(producer.stop(), "producer")
+            return
+        self._producer = producer
+        self.log.warning("producer replaced (new producer id) after %s", why)
 
     async def _flush(self, through: int | None = None) -> bool:
         """Persist new round ids, then journal, produce and await acks for everything the
@@ -574,7 +762,6 @@ class Agent:
             self._opened.clear()
         if not self._pending:
             return False
-        assert self._producer is not None
         items = [(o.topic, w) for o in self._pending for w in o.wires]
         self._pending.clear()
         await asyncio.to_thread(self.outbox.stage, items, through)
@@ -582,6 +769,12 @@ class Agent:
         self.stats.sent += len(items)
         self.outbox.done(self.party.chain)
         return True
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (one left to a replaced producer)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def outcome_json(result: Outcome | Ended) -> dict[str, Any]:

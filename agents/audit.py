@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.config import Consortium
 from agents.security import KafkaAccess, as_access
-from protocol.audit import Auditor, Record, Report
+from protocol.audit import RESEND_HEADER, Auditor, Record, Report
 from protocol.envelope import PrivateParty
 
 
@@ -82,7 +82,8 @@ async def read_and_audit(consortium: Consortium, bootstrap: str | KafkaAccess, *
                 got = await consumer.getmany(*want, timeout_ms=5000, max_records=batch)
                 for tp, recs in got.items():
                     buffers[tp] += [Record(tp.topic, tp.partition, r.offset, r.timestamp,
-                                           r.value) for r in recs if r.offset < ends[tp]]
+                                           r.value, RESEND_HEADER in (r.headers or ()))
+                                    for r in recs if r.offset < ends[tp]]
                 for tp in want:
                     if await consumer.position(tp) >= ends[tp]:
                         done.add(tp)

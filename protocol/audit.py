@@ -48,6 +48,10 @@ class Location:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
+# the Kafka record header on an envelope a sender produces again (its bytes unchanged)
+RESEND_HEADER = ("zerosum-resend", b"1")
+
+
 @dataclass(frozen=True)
 class Record:
     """One record read back from a topic."""
@@ -57,6 +61,7 @@ class Record:
     offset: int
     timestamp_ms: int
     value: bytes
+    resent: bool = False  # the record header of a sender's re-send (`RESEND_HEADER`)
 
     @property
     def location(self) -> Location:
@@ -177,7 +182,7 @@ class Auditor:
         if owner is None or owner.topic != rec.topic:
             self.findings.append(Finding(loc, "topic", f"envelope for {h.recipient!r} found in "
                                                        f"topic {rec.topic}"))
-        if not self._chain(h, v.digest, loc):
+        if not self._chain(h, v.digest, loc, rec.resent):
             return
         first = h.seq - h.part
         m = self._messages.get((h.sender, first))
@@ -197,17 +202,20 @@ class Auditor:
             except ZerosumError as exc:
                 self.findings.append(Finding(loc, "decrypt", f"{type(exc).__name__}: {exc}"))
 
-    def _chain(self, h: Header, digest: bytes, loc: Location) -> bool:
+    def _chain(self, h: Header, digest: bytes, loc: Location, resent: bool = False) -> bool:
         """Sequence and hash-chain checks; False for an exact duplicate (already counted)."""
         c = self._chains[h.sender]
         known = c.seen.get(h.seq)
         if known is not None:
             if known == digest:
-                # agents never send an envelope twice (a restart re-sends only what did not
-                # land), so the same bytes again are a replay
+                # an agent sends an envelope again only when it cannot know that the first
+                # copy landed (no ack before a timeout, or a restart on a broker where it may
+                # not read other inboxes), and marks that copy in a record header; any other
+                # copy of the same bytes is a replay. Recipients drop both.
                 self.duplicates += 1
-                self.findings.append(Finding(loc, "replay", f"envelope {h.seq} of {h.sender} "
-                                                            "sent again"))
+                if not resent:
+                    self.findings.append(Finding(loc, "replay", f"envelope {h.seq} of "
+                                                                f"{h.sender} sent again"))
                 return False
             self.findings.append(Finding(loc, "fork", f"a second, different envelope with "
                                                       f"sequence {h.seq} from {h.sender}"))

@@ -17,5 +17,6 @@ QUORUM_LOSSES = 5 if FULL else 1  # two of three nodes down, then back
 
 COUNTERS: Counter[str] = Counter()
 ORDER = ("kills survived", "broker restarts", "cluster node kills", "quorum losses",
+         "agents stopped while Kafka away",
          "duplicates injected", "hostile inputs tried",
          "rounds checked", "rounds aborted (typed)", "rounds lost", "wrong totals")

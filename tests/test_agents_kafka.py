@@ -318,3 +318,40 @@ async def test_sigterm_to_an_institution_process_mid_stream(kafka_bootstrap: Kaf
     assert coordinator.published == len(published)
     assert coordinator.published + coordinator.aborted == 15
     assert published, "no round survived the restarts"
+
+
+async def test_a_state_dir_without_a_position_resumes_from_the_group_offset(
+        kafka_bootstrap: KafkaAccess, tmp_path: Path) -> None:
+    """A state directory of a version that kept its position only as the consumer group's
+    committed offset: the agent takes that offset once, replays below it quietly (sending
+    nothing again) and saves it in `inbox.position` from then on."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from tests.kafka_util import party_access
+
+    d = make_consortium(tmp_path, kafka_bootstrap, 2, customers=60)
+    ids = query_ids(d, 30)
+    async with running(d) as agents:
+        check(await submit(agents["bank-1"], ids), ids, d)
+    cfg = load_party(d / "bank-2.toml")
+    position = cfg.state_dir / "inbox.position"
+    handled = int.from_bytes(position.read_bytes(), "big")
+    assert handled > 0
+    position.unlink()
+    group = AIOKafkaConsumer(**party_access(d, kafka_bootstrap, "bank-2").aiokafka_kwargs(),
+                             group_id=f"zerosum.{cfg.consortium.id}.bank-2",
+                             enable_auto_commit=False)
+    await group.start()
+    try:
+        tp = TopicPartition(cfg.topic, 0)
+        group.assign([tp])
+        await group.commit({tp: handled})
+    finally:
+        await group.stop()
+    async with running(d) as agents:
+        b2 = agents["bank-2"]
+        assert b2.stats.replayed == handled  # every input below it rebuilt, quietly
+        assert b2.stats.sent == 0
+        assert int.from_bytes(position.read_bytes(), "big") == handled
+        check(await submit(agents["bank-1"], ids), ids, d)
+        assert b2.stats.sent > 0  # and after the replay, it takes part as before

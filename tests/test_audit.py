@@ -103,6 +103,16 @@ def test_an_old_envelope_sent_again_is_found() -> None:
     assert report.duplicates == 1
 
 
+def test_a_copy_marked_as_its_senders_re_send_is_counted_not_found() -> None:
+    """A sender that got no ack re-produces the same bytes with the re-send header: counted,
+    no finding. The same copy without the header is a replay (the test above)."""
+    net, records = _transcript()
+    again = Record(records[3].topic, 0, 10_000, 99_999, records[3].value, resent=True)
+    report = _audit(net, [*records, again])
+    assert report.all_findings() == []
+    assert report.duplicates == 1
+
+
 def test_an_old_envelope_moved_to_another_topic_is_found() -> None:
     net, records = _transcript()
     other = next(r.topic for r in records if r.topic != records[3].topic)

@@ -229,7 +229,7 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
     finished = False
     procs = {n: await AgentProcess.start(n, d / f"{n}.toml", admin) for n in NAMES}
     try:
-        for _ in range(QUORUM_LOSSES):
+        for outage in range(QUORUM_LOSSES):
             before = ask(4)
             await _line(procs["coordinator"], "", len(procs["coordinator"].lines))  # mid-round
             leader = (await partition_state(admin, topics["coordinator"])).leader
@@ -243,12 +243,21 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
                 await _line(p, "Kafka unavailable", marks[n])
             during = ask(2)
             _alive(procs)
+            stopped = None
+            if outage == 0:  # an operator stops an agent while Kafka is away: it leaves
+                stopped = "bank-3"
+                async with asyncio.timeout(60):
+                    assert await procs[stopped].stop(signal.SIGTERM) == 0
+                COUNTERS["agents stopped while Kafka away"] += 1
             marks = {n: len(p.lines) for n, p in procs.items()}
             # no result can be made while two of three nodes are away
             assert not any((results / f"{r.hex()}.json").exists() for r in during)
             await asyncio.to_thread(kafka_cluster.start_node, other)  # a majority again
             for n, p in procs.items():
-                await _line(p, "Kafka available again", marks[n], 60)
+                if n != stopped:
+                    await _line(p, "Kafka available again", marks[n], 60)
+            if stopped is not None:  # and starts again, from its journal and position
+                procs[stopped] = await AgentProcess.start(stopped, d / f"{stopped}.toml", admin)
             await _results(procs, results, [*before, *during], 240)
             submitted += before + during
             await all_nodes_up(kafka_cluster, list(topics.values()))
@@ -256,10 +265,13 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
         await _results(procs, results, after, 120)
         submitted += after
         finished = True
-    except BaseException:  # what each agent said last, to tell why
+    except BaseException:  # what each agent said last, to tell why; all of it in a file
         for p in procs.values():
+            log = tmp_path / f"{p.name}.log"
+            log.write_text("\n".join(line for _, line in p.lines))
             tail = "\n".join(line for _, line in p.lines[-20:])
-            print(f"\n--- {p.name} (exit {p.proc.returncode}), last lines:\n{tail}")
+            print(f"\n--- {p.name} (exit {p.proc.returncode}), last lines (all in {log}):\n"
+                  f"{tail}")
         raise
     finally:  # the nodes first: an agent finishes the batch in hand before it stops
         await all_nodes_up(kafka_cluster, list(topics.values()))

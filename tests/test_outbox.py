@@ -90,3 +90,18 @@ def test_the_round_ledger_is_durable_and_cuts_a_torn_record(tmp_path: Path) -> N
     assert set(RoundLedger(tmp_path).load()) == {b"a" * 16, b"b" * 16}
     ledger.append([(b"d" * 16, 9, b"z" * 8)])  # appends stay aligned after the cut
     assert RoundLedger(tmp_path).load()[b"d" * 16] == (9, b"z" * 8)
+
+
+def test_the_inbox_position_survives_a_restart_and_a_torn_file_is_named(tmp_path: Path) -> None:
+    from agents.position import InboxPosition, PositionError
+
+    pos = InboxPosition(tmp_path / "state")
+    assert pos.load() is None  # never saved: a new party, or a state dir of an older version
+    pos.save(41)
+    pos.save(2**40 + 7)
+    assert InboxPosition(tmp_path / "state").load() == 2**40 + 7
+    assert not pos.path.with_suffix(".tmp").exists()
+    pos.path.write_bytes(b"\0\0\0")  # torn, or not ours
+    with pytest.raises(PositionError, match=r"inbox\.position: 3 bytes") as err:
+        pos.load()
+    assert err.value.path == pos.path
