@@ -4,6 +4,7 @@ No Kafka, no sleeping: the fake's gate and `entered` queue say when a round runs
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ async def test_rounds_start_first_come_first_served_within_the_bound() -> None:
     scheduler = RoundScheduler(service, 3)
     started: list[int] = []
     runs = [asyncio.create_task(scheduler.run(rid(i), REQUEST,
-                                              on_start=lambda i=i: started.append(i)))
+                                              on_start=functools.partial(started.append, i)))
             for i in range(20)]
     async with asyncio.timeout(WAIT_S):
         assert [await service.entered.get() for _ in range(3)] == [rid(0), rid(1), rid(2)]
