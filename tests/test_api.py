@@ -75,8 +75,10 @@ def check_exact(result: RoundResult, h: Holdings, ids: list[str], min_holders: i
 
 @contextlib.asynccontextmanager
 async def serving(service: FakeRoundService, tmp_path: Path,
+                  scheduler: RoundScheduler | None = None,
                   **settings: Any) -> AsyncIterator[ApiServer]:
-    scheduler = RoundScheduler(service, settings.pop("max_in_flight", 32))
+    if scheduler is None:
+        scheduler = RoundScheduler(service, settings.pop("max_in_flight", 32))
     server = ApiServer(scheduler, ApiSettings(tmp_path / "api.sock", **settings))
     task = asyncio.create_task(server.run())
     async with asyncio.timeout(WAIT_S):
