@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,17 @@ def _hex(table: dict[str, Any], key: str, where: str, size: int | None = None) -
     return data
 
 
+def _table(table: Any, where: str, known: Iterable[str]) -> dict[str, Any]:
+    """`table` as a TOML table of `known` fields only; ConfigError naming the first other."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    known = tuple(known)
+    if unknown := sorted(set(table) - set(known)):
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: "
+                          f"{', '.join(known)})")
+    return table
+
+
 @dataclass(frozen=True)
 class Policy:
     """[policy] of consortium.toml: the consortium's floors (a request may only raise them)."""
@@ -121,11 +133,7 @@ _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
 
 
 def _policy(pol: Any, where: str) -> Policy:
-    if not isinstance(pol, dict):
-        raise ConfigError(f"{where}: must be a table")
-    if unknown := sorted(set(pol) - set(_POLICY_FIELDS)):
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: "
-                          f"{', '.join(_POLICY_FIELDS)})")
+    pol = _table(pol, where, _POLICY_FIELDS)
     values: dict[str, Any] = {}
     for key, (typ, default, least) in _POLICY_FIELDS.items():
         value: Any = pol.get(key, default)
@@ -208,11 +216,7 @@ _API_FIELDS = ("socket", "tcp_port", "token_file")
 
 
 def _api(table: Any, where: str, base: Path) -> ApiConfig:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table")
-    if unknown := sorted(set(table) - set(_API_FIELDS)):
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: "
-                          f"{', '.join(_API_FIELDS)})")
+    table = _table(table, where, _API_FIELDS)
     socket = None
     if "socket" in table:
         socket = (base / _get(table, "socket", str, where)).resolve()
@@ -274,11 +278,7 @@ _APP_SECURITY = ("PLAINTEXT", "SASL_SSL", "SSL")
 
 
 def _app(table: Any, where: str, base: Path, party: str) -> AppConfig:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table")
-    if unknown := sorted(set(table) - set(_APP_FIELDS)):
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: "
-                          f"{', '.join(_APP_FIELDS)})")
+    table = _table(table, where, _APP_FIELDS)
     v: dict[str, Any] = {}
     for key, (typ, default) in _APP_FIELDS.items():
         v[key] = _get(table, key, typ, where) if key in table else default

@@ -12,7 +12,7 @@ import stat
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -79,7 +79,27 @@ async def serving(service: FakeRoundService, tmp_path: Path,
                   **settings: Any) -> AsyncIterator[ApiServer]:
     if scheduler is None:
         scheduler = RoundScheduler(service, settings.pop("max_in_flight", 32))
-    server = ApiServer(scheduler, ApiSettings(tmp_path / "api.sock", **settings))
+    async with running(ApiServer(scheduler, ApiSettings(tmp_path / "api.sock",
+                                                        **settings))) as server:
+        yield server
+
+
+class Runs(Protocol):
+    """A server of the agent's: the API, or the app bus."""
+
+    started: asyncio.Event
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+R = TypeVar("R", bound=Runs)
+
+
+@contextlib.asynccontextmanager
+async def running(server: R) -> AsyncIterator[R]:
+    """`server.run()` in a task, from `started` (or its failure, raised here) to `stop()`."""
     task = asyncio.create_task(server.run())
     async with asyncio.timeout(WAIT_S):
         waiter = asyncio.create_task(server.started.wait())

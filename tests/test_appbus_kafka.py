@@ -23,7 +23,15 @@ from agents.security import KafkaAccess
 from protocol.messages import Scope
 from tests.api_fake import FakeRoundService
 from tests.kafka_util import new_topic, produce, take_records
-from tests.test_api import BANKS, CUSTOMERS, check_exact, holdings, policy, serving
+from tests.test_api import (
+    BANKS,
+    CUSTOMERS,
+    check_exact,
+    holdings,
+    policy,
+    running,
+    serving,
+)
 from zerosum import Client, Role
 from zerosum.results import parse_delivery
 from zerosum.wire import ErrorCode
@@ -39,19 +47,8 @@ async def app_config(kafka: KafkaAccess, **bounds: Any) -> AppConfig:
 
 @contextlib.asynccontextmanager
 async def bridging(scheduler: RoundScheduler, config: AppConfig) -> AsyncIterator[AppBridge]:
-    bridge = AppBridge(scheduler, config, id_key=ID_KEY)
-    task = asyncio.create_task(bridge.run())
-    async with asyncio.timeout(WAIT_S):
-        waiter = asyncio.create_task(bridge.started.wait())
-        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
-    try:
+    async with running(AppBridge(scheduler, config, id_key=ID_KEY)) as bridge:
         yield bridge
-    finally:
-        bridge.stop()
-        async with asyncio.timeout(WAIT_S):
-            await task
 
 
 @contextlib.asynccontextmanager

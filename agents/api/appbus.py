@@ -20,8 +20,9 @@ agent's key of (topic, partition, offset, timestamp): consumed a second time (af
 or when the group starts over from the earliest offset) it asks for the same round id, which
 the agent's ledger and the coordinator refuse as a replay, so no request runs twice. Its
 offset is committed once its round has started in the agent (the scheduler handed it a slot
-and called `submit`) after its `accepted` record was acknowledged, or once its error record
-was; only a contiguous run of such offsets is committed. A crash therefore re-reads only the
+and called `submit`), which is after its `accepted` record was sent, or once its error record
+was sent (a record the results topic does not take is logged and counted in `failed`); only
+a contiguous run of such offsets is committed. A crash therefore re-reads only the
 requests not yet started, which then run once, and those started since the last commit,
 which are refused as replays (an `error` record) while the round itself, the agent's, still
 ends in a `delivery` record: the `accepted` record ties its round id to the request id.
@@ -49,7 +50,7 @@ from aiokafka.errors import KafkaError
 
 from agents.api.codec import delivery_json, parse_round
 from agents.api.scheduler import RoundScheduler
-from agents.api.service import Delivery, Refused
+from agents.api.service import Delivery, Refused, RoundRequest
 from agents.config import AppConfig
 from zerosum.wire import VERSION, ErrorCode, Op, decode_frame, encode_frame, version_of
 
@@ -234,7 +235,7 @@ class AppBridge:
             self._pending.release()
 
     async def _round(self, producer: AIOKafkaProducer, tp: TopicPartition, offset: int,
-                     request_id: Any, round_id: bytes, request: Any,
+                     request_id: Any, round_id: bytes, request: RoundRequest,
                      where: dict[str, Any]) -> None:
         key = round_id.hex().encode()
         self._requested[round_id] = request_id
