@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.security import KafkaAccess, SecurityError, check_private, load_access
+from agents.security import (
+    KafkaAccess,
+    SecurityError,
+    check_private,
+    load_access,
+    read_credentials,
+)
 from protocol.envelope import KemKind, PrivateParty, PublicParty, private_party, public_party
 from protocol.fixedpoint import AttributeSpec, parse_decimal
 from protocol.messages import MAX_QUERY, MaskMode, check_party
@@ -61,6 +68,17 @@ def _hex(table: dict[str, Any], key: str, where: str, size: int | None = None) -
     if size is not None and len(data) != size:
         raise ConfigError(f"{where}: field {key!r} must be {size} bytes, got {len(data)}")
     return data
+
+
+def _table(table: Any, where: str, known: Iterable[str]) -> dict[str, Any]:
+    """`table` as a TOML table of `known` fields only; ConfigError naming the first other."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    known = tuple(known)
+    if unknown := sorted(set(table) - set(known)):
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: "
+                          f"{', '.join(known)})")
+    return table
 
 
 @dataclass(frozen=True)
@@ -115,11 +133,7 @@ _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
 
 
 def _policy(pol: Any, where: str) -> Policy:
-    if not isinstance(pol, dict):
-        raise ConfigError(f"{where}: must be a table")
-    if unknown := sorted(set(pol) - set(_POLICY_FIELDS)):
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: "
-                          f"{', '.join(_POLICY_FIELDS)})")
+    pol = _table(pol, where, _POLICY_FIELDS)
     values: dict[str, Any] = {}
     for key, (typ, default, least) in _POLICY_FIELDS.items():
         value: Any = pol.get(key, default)
@@ -202,11 +216,7 @@ _API_FIELDS = ("socket", "tcp_port", "token_file")
 
 
 def _api(table: Any, where: str, base: Path) -> ApiConfig:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table")
-    if unknown := sorted(set(table) - set(_API_FIELDS)):
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: "
-                          f"{', '.join(_API_FIELDS)})")
+    table = _table(table, where, _API_FIELDS)
     socket = None
     if "socket" in table:
         socket = (base / _get(table, "socket", str, where)).resolve()
@@ -236,6 +246,88 @@ def _api(table: Any, where: str, base: Path) -> ApiConfig:
 
 
 @dataclass(frozen=True)
+class AppConfig:
+    """[app] of an institution's TOML: the application bus on the institution's own Kafka
+    (never the consortium's): round requests from `requests_topic`, every delivery to
+    `results_topic`. `kafka` is built as the consortium's access is (`security` PLAINTEXT,
+    SASL_SSL with a SCRAM `credentials` file, or SSL with `certificate` and `key`; `ca`)."""
+
+    kafka: KafkaAccess
+    requests_topic: str
+    results_topic: str
+    group: str  # the consumer group that holds the requests' committed offsets
+    max_pending: int = 256  # requests taken from the topic and not yet ended
+    results_queue: int = 1024  # deliveries waiting for the results topic; more are dropped
+
+
+_APP_FIELDS: dict[str, tuple[type, Any]] = {
+    # field: (type, default; None: required or absent)
+    "bootstrap": (str, None),
+    "requests_topic": (str, None),
+    "results_topic": (str, None),
+    "group": (str, None),
+    "security": (str, "PLAINTEXT"),
+    "ca": (str, None),
+    "credentials": (str, None),
+    "certificate": (str, None),
+    "key": (str, None),
+    "max_pending": (int, 256),
+    "results_queue": (int, 1024),
+}
+_APP_SECURITY = ("PLAINTEXT", "SASL_SSL", "SSL")
+
+
+def _app(table: Any, where: str, base: Path, party: str) -> AppConfig:
+    table = _table(table, where, _APP_FIELDS)
+    v: dict[str, Any] = {}
+    for key, (typ, default) in _APP_FIELDS.items():
+        v[key] = _get(table, key, typ, where) if key in table else default
+        if isinstance(v[key], str) and not v[key].strip():
+            raise ConfigError(f"{where}: field {key!r} is empty")
+    for key in ("bootstrap", "requests_topic", "results_topic"):
+        if v[key] is None:
+            raise ConfigError(f"{where}: missing field {key!r}")
+    if v["requests_topic"] == v["results_topic"]:
+        raise ConfigError(f"{where}: field 'results_topic' must differ from 'requests_topic'")
+    for key in ("max_pending", "results_queue"):
+        if v[key] < 1:
+            raise ConfigError(f"{where}: field {key!r} must be at least 1")
+    security = v["security"]
+    if security not in _APP_SECURITY:
+        raise ConfigError(f"{where}: field 'security' must be one of "
+                          f"{', '.join(_APP_SECURITY)}")
+
+    def path(key: str) -> Path | None:
+        return None if v[key] is None else (base / v[key]).resolve()
+
+    def needed(key: str) -> Path:
+        found = path(key)
+        if found is None:
+            raise ConfigError(f"{where}: field {key!r} is missing: security {security!r} "
+                              "needs it")
+        return found
+
+    try:
+        if security == "PLAINTEXT":
+            for key in ("ca", "credentials", "certificate", "key"):
+                if v[key] is not None:
+                    raise ConfigError(f"{where}: field {key!r} needs security SASL_SSL or SSL")
+            access = KafkaAccess(v["bootstrap"])
+        elif security == "SSL":
+            certfile, keyfile = needed("certificate"), needed("key")
+            check_private(keyfile, "a TLS key file")
+            access = KafkaAccess(v["bootstrap"], cafile=path("ca"), certfile=certfile,
+                                 keyfile=keyfile)
+        else:
+            user, password = read_credentials(needed("credentials"))
+            access = KafkaAccess(v["bootstrap"], user, password, path("ca"))
+    except SecurityError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return AppConfig(access, v["requests_topic"], v["results_topic"],
+                     v["group"] or f"zerosum-app.{party}", v["max_pending"], v["results_queue"])
+
+
+@dataclass(frozen=True)
 class PartyConfig:
     path: Path
     party: str
@@ -248,6 +340,7 @@ class PartyConfig:
     data: Path | None  # institutions only
     kafka: KafkaAccess  # bootstrap and, in secure mode, the party's SCRAM credential
     api: ApiConfig = ApiConfig()
+    app: AppConfig | None = None  # institutions only: [app], the application bus
 
     @property
     def api_socket(self) -> Path:
@@ -317,8 +410,13 @@ def load_party(path: Path) -> PartyConfig:
     except SecurityError as exc:
         raise ConfigError(str(exc)) from exc
     api = _api(raw.get("api", {}), f"{w} [api]", base)
+    app = None
+    if "app" in raw:
+        if party == consortium.coordinator:
+            raise ConfigError(f"{w} [app]: the coordinator has no application bus")
+        app = _app(raw["app"], f"{w} [app]", base, party)
     return PartyConfig(path, party, consortium, keys, rel("state_dir"), str(bootstrap),
-                       log_format, ckey, data, kafka, api)
+                       log_format, ckey, data, kafka, api, app)
 
 
 class ConsortiumFile:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from agents.config import load_consortium
@@ -47,25 +48,33 @@ async def new_topic(bootstrap: str | KafkaAccess, name: str | None = None) -> st
     return name
 
 
-async def produce(bootstrap: str | KafkaAccess, topic: str, values: list[bytes]) -> list[int]:
-    """Append with an idempotent acks=all producer; return the offsets."""
+async def produce(bootstrap: str | KafkaAccess, topic: str, values: list[bytes],
+                  keys: Sequence[bytes | None] | None = None) -> list[int]:
+    """Append with an idempotent acks=all producer (with `keys`, one a value); return the
+    offsets."""
     producer = AIOKafkaProducer(**as_access(bootstrap).aiokafka_kwargs(),
                                 enable_idempotence=True, acks="all",
                                 max_request_size=2 * 1024 * 1024)
     try:
         await producer.start()
-        return [(await producer.send_and_wait(topic, v)).offset for v in values]
+        return [(await producer.send_and_wait(topic, v, key=k)).offset
+                for v, k in zip(values, keys or [None] * len(values), strict=True)]
     finally:
         await producer.stop()
 
 
 async def take(consumer: AIOKafkaConsumer, n: int) -> list[bytes]:
+    """Exactly n records' values, waiting on the fetch itself (bounded), never on a sleep."""
+    return [r.value for r in await take_records(consumer, n)]
+
+
+async def take_records(consumer: AIOKafkaConsumer, n: int) -> list[ConsumerRecord[Any, Any]]:
     """Exactly n records, waiting on the fetch itself (bounded), never on a sleep."""
-    out: list[bytes] = []
+    out: list[ConsumerRecord[Any, Any]] = []
     while len(out) < n:
         batch = await consumer.getmany(timeout_ms=WAIT_MS, max_records=n - len(out))
         if not batch:
             raise AssertionError(f"only {len(out)} of {n} records arrived within {WAIT_MS} ms")
         for records in batch.values():
-            out += [r.value for r in records]
+            out += records
     return out

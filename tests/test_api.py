@@ -12,11 +12,11 @@ import stat
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from agents.api import ApiServer, ApiSettings, Refused, RoundRequest
+from agents.api import ApiServer, ApiSettings, Refused, RoundRequest, RoundScheduler
 from agents.api.server import SocketPathError
 from agents.api.service import roles
 from protocol.messages import Scope
@@ -75,8 +75,31 @@ def check_exact(result: RoundResult, h: Holdings, ids: list[str], min_holders: i
 
 @contextlib.asynccontextmanager
 async def serving(service: FakeRoundService, tmp_path: Path,
+                  scheduler: RoundScheduler | None = None,
                   **settings: Any) -> AsyncIterator[ApiServer]:
-    server = ApiServer(service, ApiSettings(tmp_path / "api.sock", **settings))
+    if scheduler is None:
+        scheduler = RoundScheduler(service, settings.pop("max_in_flight", 32))
+    async with running(ApiServer(scheduler, ApiSettings(tmp_path / "api.sock",
+                                                        **settings))) as server:
+        yield server
+
+
+class Runs(Protocol):
+    """A server of the agent's: the API, or the app bus."""
+
+    started: asyncio.Event
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+R = TypeVar("R", bound=Runs)
+
+
+@contextlib.asynccontextmanager
+async def running(server: R) -> AsyncIterator[R]:
+    """`server.run()` in a task, from `started` (or its failure, raised here) to `stop()`."""
     task = asyncio.create_task(server.run())
     async with asyncio.timeout(WAIT_S):
         waiter = asyncio.create_task(server.started.wait())
@@ -450,7 +473,7 @@ async def test_the_socket_is_private_and_not_taken_twice(tmp_path: Path) -> None
     async with serving(service, tmp_path) as server:
         assert stat.S_ISSOCK(path.stat().st_mode)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        second = ApiServer(service, ApiSettings(path))
+        second = ApiServer(RoundScheduler(service), ApiSettings(path))
         with pytest.raises(SocketPathError, match="another agent"):
             await asyncio.wait_for(second.run(), WAIT_S)
         assert server.status()["connections"] == 0
@@ -462,8 +485,8 @@ async def test_the_socket_is_private_and_not_taken_twice(tmp_path: Path) -> None
         assert (await asyncio.wait_for(c.status(), WAIT_S))["api"]["connections"] == 1
     path.write_text("not a socket")
     with pytest.raises(SocketPathError, match="not a socket"):
-        await asyncio.wait_for(ApiServer(service, ApiSettings(path)).run(), WAIT_S)
-    too_long = ApiServer(service, ApiSettings(tmp_path / ("x" * 120)))
+        await asyncio.wait_for(ApiServer(RoundScheduler(service), ApiSettings(path)).run(), WAIT_S)
+    too_long = ApiServer(RoundScheduler(service), ApiSettings(tmp_path / ("x" * 120)))
     with pytest.raises(SocketPathError, match=r"\[api\] socket"):
         await asyncio.wait_for(too_long.run(), WAIT_S)
 

@@ -8,6 +8,7 @@ import pytest
 
 from agents.config import ConfigError, load_party
 from agents.init import init_consortium
+from agents.security import write_credentials
 
 
 def _party_with(tmp_path: Path, api: str, policy_line: str = "") -> Path:
@@ -51,3 +52,53 @@ def test_bad_api_fields_are_named(tmp_path: Path, api: str, message: str) -> Non
 def test_max_in_flight_has_a_floor(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[policy\]: field 'max_in_flight' must be at least"):
         load_party(_party_with(tmp_path, "", "max_in_flight = 0"))
+
+
+def test_the_app_bus_fields_of_a_party_file(tmp_path: Path) -> None:
+    cfg = load_party(_party_with(tmp_path, ""))
+    assert cfg.app is None  # no [app]: no application bus
+    cred = tmp_path / "app.kafka"
+    write_credentials(cred, "bank-1-app", "p" * 40)
+    cfg = load_party(_party_with(tmp_path / "b", '[app]\nbootstrap = "10.0.0.1:9093"\n'
+                                 'requests_topic = "zs-requests"\nresults_topic = "zs-results"\n'
+                                 f'security = "SASL_SSL"\ncredentials = "{cred}"\n'
+                                 'ca = "ca.pem"\nmax_pending = 9\n'))
+    assert cfg.app is not None
+    assert (cfg.app.requests_topic, cfg.app.results_topic, cfg.app.group,
+            cfg.app.max_pending, cfg.app.results_queue) == ("zs-requests", "zs-results",
+                                                            "zerosum-app.bank-1", 9, 1024)
+    assert (cfg.app.kafka.bootstrap, cfg.app.kafka.username, cfg.app.kafka.password,
+            cfg.app.kafka.cafile) == ("10.0.0.1:9093", "bank-1-app", "p" * 40,
+                                      (tmp_path / "b" / "c" / "ca.pem").resolve())
+    assert "p" * 40 not in repr(cfg)
+    # the consortium's broker is another matter: the app bus never changes cfg.kafka
+    assert cfg.kafka.bootstrap == "127.0.0.1:1"
+    cfg = load_party(_party_with(tmp_path / "c", '[app]\nbootstrap = "h:1"\ngroup = "g"\n'
+                                 'requests_topic = "a"\nresults_topic = "b"\n'))
+    assert cfg.app is not None
+    assert (cfg.app.group, cfg.app.kafka.secure) == ("g", False)
+
+
+_APP = '[app]\nbootstrap = "h:1"\nrequests_topic = "a"\nresults_topic = "b"\n'
+
+
+@pytest.mark.parametrize(("app", "message"), [
+    ("[app]\nrequests_topic = 'a'\nresults_topic = 'b'\n",
+     r"\[app\]: missing field 'bootstrap'"),
+    ("[app]\nbootstrap = 'h:1'\nresults_topic = 'b'\n",
+     r"\[app\]: missing field 'requests_topic'"),
+    (_APP + "topic = 'x'\n", r"\[app\]: unknown field 'topic'"),
+    (_APP.replace('"b"', '"a"'), r"field 'results_topic' must differ"),
+    (_APP.replace('"h:1"', "5"), r"\[app\]: field 'bootstrap' must be str"),
+    (_APP.replace('"a"', '" "'), r"\[app\]: field 'requests_topic' is empty"),
+    (_APP + "max_pending = 0\n", r"field 'max_pending' must be at least 1"),
+    (_APP + "security = 'SASL'\n", r"field 'security' must be one of"),
+    (_APP + "security = 'SASL_SSL'\n", r"field 'credentials' is missing"),
+    (_APP + "security = 'SSL'\ncertificate = 'c.pem'\n", r"field 'key' is missing"),
+    (_APP + "credentials = 'x.kafka'\n", r"field 'credentials' needs security"),
+    (_APP + "security = 'SASL_SSL'\ncredentials = 'nowhere.kafka'\n",
+     r"\[app\]: .*nowhere.kafka: no such file"),
+])
+def test_bad_app_bus_fields_are_named(tmp_path: Path, app: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_party(_party_with(tmp_path, app))

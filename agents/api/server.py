@@ -1,8 +1,9 @@
 """The local API server: frames in (`zerosum.wire`), a `RoundService` behind.
 
 Backpressure, without polling anywhere:
-- at most `max_in_flight` rounds run at once (the consortium's policy figure); the others wait
-  in FIFO order, accepted and not refused;
+- at most `max_in_flight` rounds run at once (the consortium's policy figure), counted with
+  those of the application bus by their shared `RoundScheduler`; the others wait in FIFO order,
+  accepted and not refused;
 - each connection has at most `max_pending` rounds accepted and not yet answered; past that the
   server stops reading it, so the client's writes block in the socket;
 - each subscriber has a queue of `subscriber_queue` deliveries; one that falls behind gets a
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.api.codec import delivery_json, parse_round
+from agents.api.scheduler import RoundScheduler
 from agents.api.service import Delivery, Refused, RoundRequest, RoundService
 from zerosum.wire import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -53,11 +55,10 @@ class SocketPathError(Exception):
 
 @dataclass(frozen=True)
 class ApiSettings:
-    """Where the API listens and its bounds. `socket` is `[api] socket` of the party's TOML;
-    `max_in_flight` the consortium policy's figure."""
+    """Where the API listens and its bounds. `socket` is `[api] socket` of the party's TOML.
+    (The bound on rounds in flight is the `RoundScheduler`'s, shared with the app bus.)"""
 
     socket: Path
-    max_in_flight: int = 32
     max_pending: int = 4096  # per connection: accepted rounds not yet answered
     subscriber_queue: int = 1024  # deliveries waiting for one subscriber
     retained: int = 1024  # deliveries kept while nobody subscribes
@@ -66,8 +67,8 @@ class ApiSettings:
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if min(self.max_in_flight, self.max_pending, self.subscriber_queue) < 1:
-            raise ValueError("max_in_flight, max_pending and subscriber_queue are at least 1")
+        if min(self.max_pending, self.subscriber_queue) < 1:
+            raise ValueError("max_pending and subscriber_queue are at least 1")
         if self.tcp_port is not None and not self.token:
             raise ValueError("the TCP listener needs a token")
 
@@ -111,20 +112,21 @@ class _Subscriber:
 
 
 class ApiServer:
-    """Serve a `RoundService` on a Unix socket (mode 600) and optionally on 127.0.0.1.
+    """Serve a `RoundService`, through its `RoundScheduler`, on a Unix socket (mode 600) and
+    optionally on 127.0.0.1.
 
     `await server.run()` until `stop()`; `started` is set once it listens. Errors in one
     connection or one round are answered and logged, never raised out of `run()`."""
 
-    def __init__(self, service: RoundService, settings: ApiSettings,
+    def __init__(self, scheduler: RoundScheduler, settings: ApiSettings,
                  log: logging.Logger | None = None) -> None:
-        self.service = service
+        self.scheduler = scheduler
+        self.service: RoundService = scheduler.service
         self.settings = settings
         self.log = log or logging.getLogger("zerosum.api")
         self.started = asyncio.Event()
         self.tcp_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._subscribers: set[_Subscriber] = set()
         self._retained: deque[tuple[Delivery, bytes]] = deque(maxlen=max(settings.retained,
                                                                           0))
@@ -133,11 +135,18 @@ class ApiServer:
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
-        self.in_flight = 0
-        self.queued = 0
-        self.peak_in_flight = 0
+        self.queued = 0  # accepted here, waiting for the scheduler
         self.lagged = 0
         self.errors: dict[str, int] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Rounds running in the agent, from either door."""
+        return self.scheduler.in_flight
+
+    @property
+    def peak_in_flight(self) -> int:
+        return self.scheduler.peak_in_flight
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self) -> None:
@@ -238,7 +247,7 @@ class ApiServer:
     def status(self) -> dict[str, Any]:
         return {"in_flight": self.in_flight, "queued": self.queued,
                 "peak_in_flight": self.peak_in_flight,
-                "max_in_flight": self.settings.max_in_flight,
+                "max_in_flight": self.scheduler.max_in_flight,
                 "connections": len(self._connections), "subscribers": len(self._subscribers),
                 "retained": len(self._retained), "lagged": self.lagged,
                 "errors": dict(self.errors)}
@@ -354,20 +363,24 @@ class ApiServer:
             answer: dict[str, Any]
             delivery: Delivery | None = None
             body: dict[str, bytes] = {}
-            async with self._slots:
+            started = False
+
+            def start() -> None:
+                nonlocal started
+                started = True
                 self.queued -= 1
-                self.in_flight += 1
-                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-                try:
-                    delivery = await self.service.submit(round_id, request)
-                except Refused as exc:
-                    answer = self._error_frame(rid, exc.code, exc.detail, exc.field)
-                except Exception as exc:
-                    self.log.exception("round %s failed in the agent", round_id.hex())
-                    answer = self._error_frame(rid, ErrorCode.SERVICE_FAILED,
-                                               f"{type(exc).__name__}: {exc}")
-                finally:
-                    self.in_flight -= 1
+
+            try:
+                delivery = await self.scheduler.run(round_id, request, on_start=start)
+            except Refused as exc:
+                answer = self._error_frame(rid, exc.code, exc.detail, exc.field)
+            except Exception as exc:
+                self.log.exception("round %s failed in the agent", round_id.hex())
+                answer = self._error_frame(rid, ErrorCode.SERVICE_FAILED,
+                                           f"{type(exc).__name__}: {exc}")
+            finally:
+                if not started:  # cancelled while it waited
+                    self.queued -= 1
             if delivery is not None:  # the slot is free before the rows are formatted
                 try:
                     body["delivery"] = await self._encoded(delivery)
