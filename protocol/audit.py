@@ -127,6 +127,7 @@ class _Chain:
     started: bool = False
     pending: dict[int, tuple[bytes, bytes, Location]] = field(default_factory=dict)
     seen: dict[int, bytes] = field(default_factory=dict)  # recent seq -> digest (forks)
+    marked: set[int] = field(default_factory=set)  # of `seen`: the copy read was a re-send
 
 
 @dataclass
@@ -210,10 +211,11 @@ class Auditor:
             if known == digest:
                 # an agent sends an envelope again only when it cannot know that the first
                 # copy landed (no ack before a timeout, or a restart on a broker where it may
-                # not read other inboxes), and marks that copy in a record header; any other
-                # copy of the same bytes is a replay. Recipients drop both.
+                # not read other inboxes), and marks that copy in a record header; the
+                # unmarked first copy may land after it (a producer given up on still
+                # delivers). Any other copy of the same bytes is a replay. Recipients drop all.
                 self.duplicates += 1
-                if not resent:
+                if not (resent or h.seq in c.marked):
                     self.findings.append(Finding(loc, "replay", f"envelope {h.seq} of "
                                                                 f"{h.sender} sent again"))
                 return False
@@ -221,8 +223,12 @@ class Auditor:
                                                       f"sequence {h.seq} from {h.sender}"))
             return False
         c.seen[h.seq] = digest
+        if resent:
+            c.marked.add(h.seq)
         if len(c.seen) > self.SEEN_WINDOW:
-            c.seen.pop(next(iter(c.seen)))
+            oldest = next(iter(c.seen))
+            del c.seen[oldest]
+            c.marked.discard(oldest)
         key = (h.sender, h.recipient)
         last = self._topic_last.get(key, -1)
         if h.seq < last:

@@ -113,6 +113,9 @@ async def audited(d: Path, admin: KafkaAccess, results: list[Result]) -> None:
           "no finding, no acknowledged envelope missing")
 
 
+# each kill waits for a node to come back (a JVM start, then the ISR whole again): about a
+# minute on the 2-core machine, so the time limit grows with the count (`make soak`: 20)
+@pytest.mark.timeout(180 + 90 * LEADER_KILLS)
 async def test_kill_9_of_the_node_leading_an_inbox_mid_round(kafka_cluster: LocalCluster,
                                                               tmp_path: Path) -> None:
     admin = kafka_cluster.access()
@@ -141,6 +144,7 @@ async def test_kill_9_of_the_node_leading_an_inbox_mid_round(kafka_cluster: Loca
     await audited(d, admin, results)
 
 
+@pytest.mark.timeout(180 + 300 * ROLLING_RESTARTS)
 async def test_rolling_restart_during_a_stream_of_rounds(kafka_cluster: LocalCluster,
                                                          tmp_path: Path) -> None:
     admin = kafka_cluster.access()
@@ -207,6 +211,7 @@ async def _results(procs: dict[str, AgentProcess], results: Path, rounds: list[b
             e.cancel()
 
 
+@pytest.mark.timeout(300 + 240 * QUORUM_LOSSES)
 async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
         kafka_cluster: LocalCluster, tmp_path: Path) -> None:
     admin = kafka_cluster.access()
