@@ -19,16 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
@@ -40,7 +37,6 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     UnknownProducerId,
 )
-from numpy.typing import NDArray
 
 from agents.broker import broker_config_dir, read_properties
 from agents.config import ConfigError, ConsortiumFile, PartyConfig
@@ -54,7 +50,7 @@ from protocol.audit import RESEND_HEADER
 from protocol.envelope import digest
 from protocol.errors import AbortReason, HandlingFailed
 from protocol.machine import Ended, Outcome, Published, SetTimer
-from protocol.messages import Scope
+from protocol.messages import MaskAssignment, Scope
 from protocol.party import (
     CoordinatorParty,
     Event,
@@ -64,7 +60,7 @@ from protocol.party import (
     Rejected,
     RoundOpened,
 )
-from protocol.tokens import Tokens, tokens_from_bytes, tokens_to_bytes
+from protocol.tokens import Tokens
 
 T = TypeVar("T")
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
@@ -82,6 +78,21 @@ LEGACY_GROUP_S = 30.0  # how long a first start under this version asks for the 
 class Stopping(Exception):
     """`stop()` was called while the agent waited for Kafka: leave the work in hand undone
     (it is journaled, or its input is not yet past the saved position)."""
+
+
+@dataclass(frozen=True, eq=False)
+class RoundEnd:
+    """A round's end at this institution, with who asked for it and who led it (None where
+    this institution never saw the round's assignment: it ended before reaching it here)."""
+
+    result: Outcome | Ended
+    requester: str | None
+    leader: str | None
+
+
+# called with each batch of round ends before the inputs that caused them are committed past:
+# a listener that records them durably (the API's results record) loses none to a crash
+RoundEndListener = Callable[[Sequence[RoundEnd]], Awaitable[None]]
 
 
 def topic_settings() -> tuple[int, int, dict[str, str]]:
@@ -172,12 +183,15 @@ class Agent:
         self.timers: dict[bytes, int] = {}
         self.waiters: dict[bytes, asyncio.Future[Outcome | Ended]] = {}
         self.requested: set[bytes] = set()
+        self.listeners: list[RoundEndListener] = []
+        self._ends: list[RoundEnd] = []  # rounds ended by the inputs in hand
         self._stop = asyncio.Event()
         self._timers_changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._pending: list[Outgoing] = []
         self._replaying = False
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # recovered: reading its inbox
+        self.serving = asyncio.Event()  # set by `agents.run.serve_party`: its doors open too
         self._progress = asyncio.Condition()  # notified after every batch of inputs
         # crash tests only: exit hard after this many produced batches, before their commit
         self._failpoint = int(os.environ.get("ZEROSUM_FAILPOINT_CRASH_AFTER_FLUSHES", "0"))
@@ -225,8 +239,6 @@ class Agent:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._consume())
                     tg.create_task(self._timer_loop())
-                    if isinstance(self.party, InstitutionParty):
-                        tg.create_task(self._spool_loop())
             finally:
                 await self._close(self._consumer.stop(), "consumer")
         finally:
@@ -402,6 +414,7 @@ class Agent:
                 for r in records:
                     self.stats.received += 1
                     self._handle(self._receive(r.value, r.offset))
+                await self._deliver()
                 try:
                     flushed = await self._flush(through=records[-1].offset)
                 except Stopping:  # journaled; the position stays before these inputs
@@ -466,6 +479,7 @@ class Agent:
                     for rid in due:
                         self.timers.pop(rid, None)
                         self._handle(self.party.deadline(rid))
+                    await self._deliver()
                     try:
                         await self._flush()
                     except Stopping:
@@ -476,41 +490,6 @@ class Agent:
             try:
                 async with asyncio.timeout(min(max(wait, 0.01), 1.0)):
                     await self._timers_changed.wait()
-            except TimeoutError:
-                pass
-
-    async def _spool_loop(self) -> None:
-        """Round requests that `zerosum round` left in <state_dir>/requests/."""
-        spool = self.cfg.state_dir / "requests"
-        spool.mkdir(parents=True, exist_ok=True)
-        while not self._stop.is_set():
-            for path in sorted(spool.glob("*.json")):
-                try:
-                    req = json.loads(path.read_text())
-                    tokens = tokens_from_bytes(path.with_suffix(".tokens").read_bytes())
-                    deadline_ms = req.get("deadline_ms")
-                    if deadline_ms is not None and (isinstance(deadline_ms, bool) or
-                                                    not isinstance(deadline_ms, int)):
-                        raise ValueError(f"deadline_ms must be an integer, not {deadline_ms!r}")
-                    await self.submit(bytes.fromhex(req["round_id"]), tokens,
-                                      participants=tuple(req["participants"]),
-                                      attributes=tuple(req["attributes"]),
-                                      scope=Scope(req["scope"]),
-                                      min_holders=int(req["min_holders"]),
-                                      timeout_s=float(req["timeout_s"]), wait=False,
-                                      deadline_ms=deadline_ms)
-                except Stopping:  # journaled: sent on the next start, the file asks again
-                    return
-                except Exception as exc:  # a bad spool file never stops the agent
-                    self.log.error("bad round request %s: %s: %s", path.name,
-                                   type(exc).__name__, exc)
-                    self._write_result(bytes.fromhex(path.stem) if len(path.stem) == 32 else
-                                       b"\0" * 16, {"status": "error", "detail": str(exc)})
-                path.unlink(missing_ok=True)
-                path.with_suffix(".tokens").unlink(missing_ok=True)
-            try:
-                async with asyncio.timeout(0.2):
-                    await self._stop.wait()
             except TimeoutError:
                 pass
 
@@ -627,45 +606,42 @@ class Agent:
                 if not self._replaying:
                     self.log.warning("round %s aborted: %s: %s", e.round_id.hex(),
                                      e.reason.name, e.detail)
-                    self._resolve(e.round_id, e)
+                    self._ends.append(self._round_end(e))
             elif isinstance(e, Outcome):
                 self.timers.pop(e.round_id, None)
                 self.stats.outcomes += 1
                 if not self._replaying:
                     self.log.info("round %s result: %d rows (%d withheld)", e.round_id.hex(),
                                   e.tokens.size, e.withheld)
-                    self._resolve(e.round_id, e)
+                    self._ends.append(self._round_end(e))
 
-    def _requested_here(self, round_id: bytes) -> bool:
-        if round_id in self.requested:
-            return True
-        m = self.party.rounds.get(round_id)
+    def _round_end(self, result: Outcome | Ended) -> RoundEnd:
+        m = self.party.rounds.get(result.round_id)
         a = getattr(m, "assignment", None)
-        return a is not None and a.requester == self.cfg.party
+        if isinstance(a, MaskAssignment):
+            return RoundEnd(result, a.requester, a.leader)
+        asked = result.round_id in self.requested
+        return RoundEnd(result, self.cfg.party if asked else getattr(result, "requester", None),
+                        None)
 
-    def _resolve(self, round_id: bytes, result: Outcome | Ended) -> None:
-        """Wake a waiting `submit`, and leave the result for `zerosum round` if we asked."""
-        fut = self.waiters.pop(round_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(result)
-        if self._requested_here(round_id):
-            self.requested.discard(round_id)
-            self._write_result(round_id, outcome_json(result), result)
-
-    def _write_result(self, round_id: bytes, data: dict[str, Any],
-                      result: Outcome | Ended | None = None) -> None:
-        """<rid>.json last, as the marker that <rid>.tokens and <rid>.totals.npy are whole."""
-        out = self.cfg.state_dir / "results"
-        out.mkdir(parents=True, exist_ok=True)
-        base = out / round_id.hex()
-        if isinstance(result, Outcome):
-            base.with_suffix(".tokens").write_bytes(tokens_to_bytes(result.tokens))
-            with open(base.with_suffix(".totals.npy"), "wb") as fh:
-                np.save(fh, np.asarray(result.totals, dtype=np.int64))
-        tmp = base.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(base.with_suffix(".json"))
-        self.log.info("round %s: result for `zerosum round` in %s", round_id.hex(), out)
+    async def _deliver(self) -> None:
+        """Hand the rounds ended by the inputs in hand to the listeners, then wake the
+        `submit`s waiting for them. Called before those inputs' outputs are journaled, so a
+        crash at any point delivers them again (at least once), never not at all."""
+        ends, self._ends = self._ends, []
+        if not ends:
+            return
+        for listener in self.listeners:
+            try:
+                await listener(ends)
+            except Exception:  # a listener's failure never stops the agent
+                self.log.exception("a round-end listener failed")
+        for end in ends:
+            rid = end.result.round_id
+            self.requested.discard(rid)
+            fut = self.waiters.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(end.result)
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
@@ -775,25 +751,3 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen (one left to a replaced producer)."""
     if not fut.cancelled():
         fut.exception()
-
-
-def outcome_json(result: Outcome | Ended) -> dict[str, Any]:
-    """A round's end for `zerosum round`; the rows themselves go to binary files beside it."""
-    if isinstance(result, Ended):
-        return {"status": "aborted", "reason": result.reason.name, "detail": result.detail,
-                "culprits": list(result.culprits)}
-    return {"status": "published", "withheld": result.withheld, "rows": int(result.tokens.size),
-            "attributes": [[a.name, a.scale] for a in result.attributes]}
-
-
-def load_outcome(path: Path) -> tuple[dict[str, Any], Tokens | None, NDArray[np.int64] | None]:
-    """Read and remove a result written by `_write_result`: metadata, tokens, totals."""
-    data: dict[str, Any] = json.loads(path.read_text())
-    tokens = totals = None
-    stem = path.with_suffix("")
-    if data.get("status") == "published":
-        tokens = tokens_from_bytes(stem.with_suffix(".tokens").read_bytes())
-        totals = np.load(stem.with_suffix(".totals.npy"))
-    for suffix in (".tokens", ".totals.npy", ".json"):
-        stem.with_suffix(suffix).unlink(missing_ok=True)
-    return data, tokens, totals

@@ -375,7 +375,7 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         q.set_defaults(func=cmd_agent)
     r = sub.add_parser("round", help="request a round for an institution and wait for it",
                        description="Hand a round request to this institution's running agent "
-                                   "(through <state_dir>/requests), wait, and print or write "
+                                   "(through its local API socket), wait, and print or write "
                                    "customer_id,holders,<attributes...>. Exit 1 on an abort, "
                                    "with its reason.")
     r.add_argument("--config", type=Path, required=True, help="the institution's TOML file")
@@ -425,11 +425,13 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                        description="Run the benchmark scenarios on the real broker and print "
                                    "figures and ratios measured in this run: large (one round, "
                                    "each agent its own process, against the transport and "
-                                   "compute floors), small (many rounds in flight), paillier "
+                                   "compute floors), small (many rounds in flight), credit "
+                                   "(1-customer rounds one at a time through the local API), "
+                                   "paillier "
                                    "(the same totals with Paillier), scaling (for --plot). "
                                    "Needs the bench extra: pip install -e '.[bench]'.")
-    b.add_argument("--scenario", default="large,small,paillier",
-                   help="comma-separated: large, small, paillier, scaling "
+    b.add_argument("--scenario", default="large,small,credit,paillier",
+                   help="comma-separated: large, small, credit, paillier, scaling "
                         "(default: %(default)s)")
     b.add_argument("--customers", type=int, default=1_000_000,
                    help="customers of the large round (default: %(default)s)")
@@ -499,7 +501,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise CliError(f"{exc}; install the bench extra: pip install -e '.[bench]'") from exc
     scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
-    unknown = sorted(set(scenarios) - {"large", "small", "paillier", "scaling"})
+    unknown = sorted(set(scenarios) - {"large", "small", "credit", "paillier", "scaling"})
     if unknown:
         raise CliError(f"--scenario: unknown {', '.join(unknown)}")
     return bench_main(scenarios=scenarios, customers=args.customers,

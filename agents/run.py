@@ -1,4 +1,5 @@
-"""Running agents: signals, logging, the `round` command's spool, and the demo."""
+"""Running agents (with their local API and app bus), signals, logging, and the `round`
+command's client."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import contextlib
 import csv
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -15,13 +15,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from agents.agent import Agent, load_outcome
+from agents.agent import SUBMIT_MARGIN_S, Agent
 from agents.config import PartyConfig, load_party
 from agents.data import load_query
 from agents.health import KafkaWatch
-from protocol.fixedpoint import format_decimal
 from protocol.messages import Scope
-from protocol.tokens import Tokens, tokens_to_bytes
+from zerosum.results import RoundResult
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,19 +39,79 @@ def setup_logging(fmt: str, verbose: bool) -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
+async def serve_party(agent: Agent, *, api: bool = True) -> None:
+    """Run `agent` until `agent.stop()`: for an institution, with its local API (unless not
+    `api`) and, when its TOML has [app], its application bus, both started once the agent is
+    ready and stopped with it. A socket or bus that cannot start stops the agent too."""
+    from agents.api import ApiServer, ApiSettings, RoundScheduler
+    from agents.api.agent_service import AgentService
+    from agents.api.appbus import AppBridge
+
+    cfg = agent.cfg
+    servers: list[ApiServer | AppBridge] = []
+    if not cfg.is_coordinator and (api or cfg.app is not None):
+        scheduler = RoundScheduler(AgentService(agent), cfg.consortium.policy.max_in_flight)
+        if api:
+            servers.append(ApiServer(scheduler, ApiSettings(
+                cfg.api_socket, tcp_port=cfg.api.tcp_port, token=cfg.api.token),
+                log=logging.getLogger(f"zerosum.{cfg.party}.api")))
+        if cfg.app is not None:
+            servers.append(AppBridge(scheduler, cfg.app, id_key=cfg.keys.secret,
+                                     log=logging.getLogger(f"zerosum.{cfg.party}.appbus")))
+    failed: list[Exception] = []
+
+    def stop_servers(_: object = None) -> None:
+        for s in servers:
+            s.stop()
+
+    async def door(server: ApiServer | AppBridge) -> None:
+        """A door that fails stops the agent gracefully (never cancelled mid-produce)."""
+        try:
+            await server.run()
+        except Exception as exc:
+            failed.append(exc)
+            agent.stop()
+
+    async with asyncio.TaskGroup() as tg:
+        running = tg.create_task(agent.run())
+        running.add_done_callback(stop_servers)
+        ready = tg.create_task(agent.ready.wait())
+        await asyncio.wait({ready, running}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if not running.done():
+            opening = [tg.create_task(door(s)) for s in servers]
+            started = tg.create_task(_all_set([s.started for s in servers]))
+            await asyncio.wait({running, *opening, started}, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            if not failed and not running.done():
+                doors = [f"API on {cfg.api_socket}" if isinstance(s, ApiServer) else
+                         f"app bus on {cfg.app.requests_topic if cfg.app else ''}"
+                         for s in servers]
+                agent.serving.set()  # the line below is what process managers wait for
+                agent.log.info("%s serving%s", cfg.party,
+                               f": {', '.join(doors)}" if doors else "")
+    if failed:
+        raise failed[0]
+
+
+async def _all_set(events: list[asyncio.Event]) -> None:
+    for e in events:
+        await e.wait()
+
+
 @contextlib.asynccontextmanager
-async def agents_in_process(configs: list[PartyConfig],
-                            ready_s: float = 120) -> AsyncIterator[dict[str, Agent]]:
-    """Run several agents as tasks of this event loop (demo, bench, tests); stop them all on
-    exit, each finishing the batch in hand."""
+async def agents_in_process(configs: list[PartyConfig], ready_s: float = 120, *,
+                            api: bool = False) -> AsyncIterator[dict[str, Agent]]:
+    """Run several agents as tasks of this event loop (demo, bench, tests), institutions with
+    their local API when `api`; stop them all on exit, each finishing the batch in hand."""
     agents = {c.party: Agent(c) for c in configs}
-    tasks = [asyncio.create_task(a.run(), name=n) for n, a in agents.items()]
+    tasks = [asyncio.create_task(serve_party(a, api=api), name=n) for n, a in agents.items()]
     watch = KafkaWatch(configs[0].kafka.bootstrap) if configs else None
     watcher = asyncio.create_task(watch.run()) if watch else None
     try:
         async with asyncio.timeout(ready_s):
             for a, t in zip(agents.values(), tasks, strict=True):
-                waiter = asyncio.create_task(a.ready.wait())
+                waiter = asyncio.create_task(a.serving.wait())
                 await asyncio.wait({waiter, t}, return_when=asyncio.FIRST_COMPLETED)
                 if t.done():
                     t.result()  # raises what stopped the agent
@@ -86,7 +145,7 @@ async def run_agent(cfg: PartyConfig) -> None:
     watch = KafkaWatch(cfg.kafka.bootstrap)  # says when Kafka cannot be reached, and when over
     watcher = asyncio.create_task(watch.run())
     try:
-        await agent.run()
+        await serve_party(agent)
     finally:
         watch.stop()
         await watcher
@@ -96,28 +155,11 @@ class RoundFailed(Exception):
     """The round ended in an abort (or an error); the message carries the reason."""
 
 
-def spool_request(cfg: PartyConfig, tokens: Tokens, *, participants: tuple[str, ...],
-                  scope: Scope, min_holders: int, timeout_s: float) -> bytes:
-    """Leave a round request for this institution's agent in <state_dir>/requests; return
-    the round id. The deadline is fixed here, so a request re-sent after a crash is the same."""
-    rid = os.urandom(16)
-    spool = cfg.state_dir / "requests"
-    spool.mkdir(parents=True, exist_ok=True)
-    (spool / f"{rid.hex()}.tokens").write_bytes(tokens_to_bytes(tokens))
-    tmp = spool / f"{rid.hex()}.tmp"
-    tmp.write_text(json.dumps({
-        "round_id": rid.hex(), "participants": list(participants),
-        "attributes": list(cfg.consortium.attributes), "scope": str(scope),
-        "min_holders": min_holders, "timeout_s": timeout_s,
-        "deadline_ms": int((time.time() + timeout_s) * 1000)}))
-    tmp.replace(spool / f"{rid.hex()}.json")
-    return rid
-
-
 def request_round(cfg: PartyConfig, query: Path, *, scope: Scope, out: Path | None,
                   participants: tuple[str, ...] | None, min_holders: int | None,
                   timeout_s: float | None, progress_s: float = 5.0) -> dict[str, Any]:
-    """Hand a round request to this institution's running agent and wait for the result."""
+    """Ask this institution's running agent, through its local API, for a round over the
+    customers of `query` and wait for it; write the totals to `out` when given."""
     if cfg.is_coordinator:
         raise RoundFailed("rounds are requested by an institution, not by the coordinator")
     assert cfg.consortium_key is not None
@@ -129,39 +171,50 @@ def request_round(cfg: PartyConfig, query: Path, *, scope: Scope, out: Path | No
     # the coordinator and every institution enforce the policy; say so before asking
     if problem := c.round_policy().problem(parts, holders, tokens.size):
         raise RoundFailed(f"the consortium's policy ({c.path}) refuses this round: {problem}")
-    rid = spool_request(cfg, tokens, participants=parts, scope=scope, min_holders=holders,
-                        timeout_s=timeout)
-    spool = cfg.state_dir / "requests"
-    result_path = cfg.state_dir / "results" / f"{rid.hex()}.json"
-    t0 = time.monotonic()
-    last = t0
-    print(f"round {rid.hex()}: {len(ids)} customers, {len(parts)} institutions, scope {scope}",
+    print(f"round: {len(ids)} customers, {len(parts)} institutions, scope {scope}",
           file=sys.stderr)
-    while not result_path.exists():
-        now = time.monotonic()
-        if now - t0 > timeout + 30:
-            picked = not (spool / f"{rid.hex()}.json").exists()
-            raise RoundFailed(f"no result after {now - t0:.0f} s" + (
-                "" if picked else f"; is `zerosum institution --config {cfg.path}` running?"))
-        if now - last >= progress_s:
-            print(f"  waiting for the result ({now - t0:.0f} s)", file=sys.stderr)
-            last = now
-        time.sleep(0.1)  # polling a file the agent writes
-    data, got_tokens, totals = load_outcome(result_path)
-    if data["status"] != "published" or got_tokens is None or totals is None:
-        raise RoundFailed(f"round aborted: {data.get('reason', 'ERROR')}: {data.get('detail')}")
-    by_token = {bytes(t): cid for t, cid in zip(tokens, ids, strict=True)}
-    attrs = [(str(n), int(s)) for n, s in data["attributes"]]
-    rows = [[by_token[bytes(t)], str(v[0]), *(format_decimal(x, s) for x, (_, s) in
-                                              zip(v[1:], attrs, strict=True))]
-            for t, v in zip(got_tokens, totals.tolist(), strict=True)]
-    header = ["customer_id", "holders", *(n for n, _ in attrs)]
+    t0 = time.monotonic()
+    result = asyncio.run(_ask(cfg, ids, scope=scope, participants=parts, min_holders=holders,
+                              deadline_s=timeout, progress_s=progress_s))
+    names = list(result.attributes)
+    rows = [[row.customer_id or row.token, str(row.holders), *(str(row.totals[n]) for n in names)]
+            for row in result.rows]
+    header = ["customer_id", "holders", *names]
     if out is not None:
         with open(out, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(header)
             w.writerows(rows)
-    data["rows"] = rows
-    data["header"] = header
-    data["seconds"] = time.monotonic() - t0
-    return data
+    return {"status": "published", "round_id": result.round_id, "withheld": result.withheld,
+            "rows": rows, "header": header, "seconds": time.monotonic() - t0}
+
+
+async def _ask(cfg: PartyConfig, ids: list[str], *, scope: Scope, participants: tuple[str, ...],
+               min_holders: int, deadline_s: float, progress_s: float) -> RoundResult:
+    """One round through the agent's API, with a line on stderr every `progress_s`. The agent
+    bounds its own wait (the deadline, then a margin); this bounds the client's."""
+    from zerosum import ApiError, Client, RequestRefused, RoundAborted
+
+    socket = cfg.api_socket
+    t0 = time.monotonic()
+    try:
+        async with Client(socket) as client:
+            asking = asyncio.create_task(client.round(
+                ids, scope="query" if scope is Scope.QUERY else "intersection",
+                participants=participants, min_holders=min_holders, deadline_s=deadline_s))
+            async with asyncio.timeout(deadline_s + 2 * SUBMIT_MARGIN_S):
+                while not asking.done():
+                    await asyncio.wait({asking}, timeout=progress_s)
+                    if not asking.done():
+                        print(f"  waiting for the result ({time.monotonic() - t0:.0f} s)",
+                              file=sys.stderr)
+            return asking.result()
+    except RoundAborted as exc:
+        raise RoundFailed(f"round aborted: {exc.reason}: {exc.detail}") from exc
+    except RequestRefused as exc:
+        raise RoundFailed(f"the agent refused the round: {exc}") from exc
+    except TimeoutError as exc:
+        raise RoundFailed(f"no result after {time.monotonic() - t0:.0f} s") from exc
+    except (OSError, ApiError) as exc:
+        raise RoundFailed(f"cannot reach the agent's API at {socket} ({exc}); is `zerosum "
+                          f"institution --config {cfg.path}` running?") from exc

@@ -30,10 +30,12 @@ ATTRS = ("balance", "overdue_days")
 
 
 @contextlib.asynccontextmanager
-async def running(directory: Path, skip: tuple[str, ...] = ()) -> AsyncIterator[dict[str, Agent]]:
-    """Every party of the consortium in `directory` (but `skip`) as an in-process agent."""
+async def running(directory: Path, skip: tuple[str, ...] = (), *,
+                  api: bool = False) -> AsyncIterator[dict[str, Agent]]:
+    """Every party of the consortium in `directory` (but `skip`) as an in-process agent,
+    institutions with their local API when `api`."""
     configs = [c for c in party_configs(directory) if c.party not in skip]
-    async with agents_in_process(configs) as agents:
+    async with agents_in_process(configs, api=api) as agents:
         yield agents
 
 
@@ -159,7 +161,7 @@ async def test_round_cli_prints_totals_and_reports_aborts(kafka_bootstrap: Kafka
     q.write_text("customer_id\n" + "\n".join(ids) + "\n")
     out_csv = tmp_path / "r.csv"
     exe = Path(sys.executable).parent / "zerosum"
-    async with running(d):
+    async with running(d, api=True):
         proc = await asyncio.create_subprocess_exec(
             str(exe), "round", "--config", str(d / "bank-1.toml"), "--query", str(q),
             "--out", str(out_csv), stdout=asyncio.subprocess.PIPE,
@@ -274,8 +276,8 @@ async def _start_process(config: Path) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         str(exe), "institution", "--config", str(config), stderr=asyncio.subprocess.PIPE)
     assert proc.stderr is not None
-    async with asyncio.timeout(60):  # wait for its "ready" line, not for a fixed time
-        while b" ready on " not in (line := await proc.stderr.readline()):
+    async with asyncio.timeout(60):  # wait for its "serving" line, not for a fixed time
+        while b" serving" not in (line := await proc.stderr.readline()):
             assert line, "the agent exited before it was ready"
     return proc
 

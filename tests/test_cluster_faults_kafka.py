@@ -9,26 +9,25 @@ import asyncio
 import os
 import random
 import signal
-from decimal import Decimal
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from agents.agent import Agent, load_outcome, read_to_end
+from agents.agent import Agent, read_to_end
 from agents.audit import read_and_audit
 from agents.bench import AgentProcess
 from agents.cluster import LocalCluster
 from agents.config import load_consortium, load_party
 from agents.demo import plaintext
 from agents.outbox import Outbox
-from agents.run import spool_request
 from agents.security import KafkaAccess
 from protocol.envelope import Header
 from protocol.errors import AbortReason
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
-from protocol.tokens import normalise_id, tokenize
+from protocol.tokens import tokenize
+from tests.api_rounds import ApiRounds, wrong_rows
 from tests.cluster_util import all_nodes_up, partition_state, wait_for
 from tests.kafka_util import make_consortium, party_access
 from tests.soak import COUNTERS, LEADER_KILLS, QUORUM_LOSSES, ROLLING_RESTARTS
@@ -190,23 +189,18 @@ def _alive(procs: dict[str, AgentProcess]) -> None:
             raise AssertionError(f"{p.name} exited with {p.proc.returncode}:\n{tail}")
 
 
-async def _results(procs: dict[str, AgentProcess], results: Path, rounds: list[bytes],
+async def _results(procs: dict[str, AgentProcess], api: ApiRounds, rounds: list[str],
                    timeout_s: float) -> None:
-    """Until every round has a result file (bank-1 logs a line after writing each); fails at
-    once if any agent exits meanwhile."""
-    p = procs["bank-1"]
+    """Until every round has ended at bank-1's API; fails at once if any agent exits
+    meanwhile."""
     exits = {asyncio.ensure_future(q.proc.wait()) for q in procs.values()}
+    ended = asyncio.ensure_future(api.wait_for(rounds, timeout_s))
     try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                p.new_line.clear()
-                _alive(procs)
-                if all((results / f"{r.hex()}.json").exists() for r in rounds):
-                    return
-                line = asyncio.ensure_future(p.new_line.wait())
-                await asyncio.wait({line, *exits}, return_when=asyncio.FIRST_COMPLETED)
-                line.cancel()
+        await asyncio.wait({ended, *exits}, return_when=asyncio.FIRST_COMPLETED)
+        _alive(procs)
+        await ended
     finally:
+        ended.cancel()
         for e in exits:
             e.cancel()
 
@@ -221,21 +215,20 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
     assert cfg.consortium_key is not None
     tokens = tokenize(ids, cfg.consortium_key)
     topics = {n: p.topic for n, p in cfg.consortium.registry.items()}
-    results = d / "state" / "bank-1" / "results"
     want = plaintext(d / "data")
-    by_token = {bytes(t): c for t, c in zip(tokens, ids, strict=True)}
+    by_token = {bytes(t).hex(): c for t, c in zip(tokens, ids, strict=True)}
+    api = ApiRounds(cfg.api_socket)
 
-    def ask(n: int) -> list[bytes]:
-        return [spool_request(cfg, tokens, participants=cfg.consortium.institutions,
-                              scope=Scope.INTERSECTION, min_holders=1, timeout_s=180)
-                for _ in range(n)]
+    async def ask(n: int) -> list[str]:
+        return [await api.submit(ids, scope="intersection", deadline_s=180) for _ in range(n)]
 
-    submitted: list[bytes] = []
+    submitted: list[str] = []
     finished = False
     procs = {n: await AgentProcess.start(n, d / f"{n}.toml", admin) for n in NAMES}
     try:
+        await api.connect()
         for outage in range(QUORUM_LOSSES):
-            before = ask(4)
+            before = await ask(4)
             await _line(procs["coordinator"], "", len(procs["coordinator"].lines))  # mid-round
             leader = (await partition_state(admin, topics["coordinator"])).leader
             other = next(n.node_id for n in kafka_cluster.nodes if n.node_id != leader)
@@ -246,7 +239,7 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
             COUNTERS["cluster node kills"] += 2
             for n, p in procs.items():  # every agent says so, and waits
                 await _line(p, "Kafka unavailable", marks[n])
-            during = ask(2)
+            during = await ask(2)
             _alive(procs)
             stopped = None
             if outage == 0:  # an operator stops an agent while Kafka is away: it leaves
@@ -256,18 +249,18 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
                 COUNTERS["agents stopped while Kafka away"] += 1
             marks = {n: len(p.lines) for n, p in procs.items()}
             # no result can be made while two of three nodes are away
-            assert not any((results / f"{r.hex()}.json").exists() for r in during)
+            assert not set(during) & api.ends.keys()
             await asyncio.to_thread(kafka_cluster.start_node, other)  # a majority again
             for n, p in procs.items():
                 if n != stopped:
                     await _line(p, "Kafka available again", marks[n], 60)
             if stopped is not None:  # and starts again, from its journal and position
                 procs[stopped] = await AgentProcess.start(stopped, d / f"{stopped}.toml", admin)
-            await _results(procs, results, [*before, *during], 240)
+            await _results(procs, api, [*before, *during], 240)
             submitted += before + during
             await all_nodes_up(kafka_cluster, list(topics.values()))
-        after = ask(2)
-        await _results(procs, results, after, 120)
+        after = await ask(2)
+        await _results(procs, api, after, 120)
         submitted += after
         finished = True
     except BaseException:  # what each agent said last, to tell why; all of it in a file
@@ -279,32 +272,29 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
                   f"{tail}")
         raise
     finally:  # the nodes first: an agent finishes the batch in hand before it stops
+        await api.close()
         await all_nodes_up(kafka_cluster, list(topics.values()))
         for p in procs.values():
             await p.stop(signal.SIGTERM if finished else signal.SIGKILL)  # stuck on a fault
     published = aborted = 0
-    outcomes: dict[bytes, str] = {}
+    outcomes: dict[str, str] = {}
     for rid in submitted:
-        data, got, totals = load_outcome(results / f"{rid.hex()}.json")
-        if data["status"] == "aborted":
-            assert data["reason"] == "TIMEOUT", data
+        body = api.ends[rid]
+        if body["status"] == "aborted":
+            assert body["reason"] == "TIMEOUT", body
             aborted += 1
             outcomes[rid] = "aborted"
             continue
-        assert got is not None
-        assert totals is not None
         published += 1
         outcomes[rid] = "published"
-        for t, row in zip(got, totals.tolist(), strict=True):
-            exp = want[normalise_id(by_token[bytes(t)])]
-            assert [Decimal(row[0]), Decimal(row[1]).scaleb(-2), Decimal(row[2])] == exp
+        assert wrong_rows(body, want, by_token) == 0
     assert published > 0
     COUNTERS["rounds checked"] += len(submitted)
     COUNTERS["rounds aborted (typed)"] += aborted
     await every_envelope_on_the_bus(d, admin)
     run = await read_and_audit(cfg.consortium, party_access(d, admin, "auditor"))
     assert [str(f) for f in run.report.all_findings()] == []
-    seen = {r.round_id: r.outcome for r in run.report.rounds}
+    seen = {r.round_id.hex(): r.outcome for r in run.report.rounds}
     assert {rid: seen[rid] for rid in submitted} == outcomes  # each once, as the agent saw it
     print(f"\n{QUORUM_LOSSES} quorum losses: {published} rounds published, {aborted} aborted; "
           f"audit: {run.records} records, no finding")

@@ -8,12 +8,12 @@ import math
 import re
 from typing import Any
 
-from agents.agent import outcome_json
 from agents.api.service import Delivery, Refused, RoundRequest
 from protocol.fixedpoint import format_decimal
-from protocol.machine import Outcome
+from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
 from protocol.policy import ConsortiumPolicy
+from protocol.tokens import normalise_id
 from zerosum.wire import ROLE_ORDER, ErrorCode, encode_json
 
 MAX_ID_CHARS = 256
@@ -45,6 +45,11 @@ def parse_round(frame: dict[str, Any], policy: ConsortiumPolicy) -> RoundRequest
     if bad := _UNUSABLE.search("".join(ids)):  # one pass in C, whatever the query's size
         raise Refused(ErrorCode.INVALID_FIELD, f"a customer id holds {bad.group()!r}: a "
                       "control character or a lone surrogate", "customer_ids")
+    seen: dict[str, int] = {}
+    for k, cid in enumerate(ids):  # the same customer twice would be one token twice
+        if (first := seen.setdefault(normalise_id(cid), k)) != k:
+            raise Refused(ErrorCode.INVALID_FIELD, f"customer ids {ids[first]!r} and {cid!r} "
+                          "are the same customer (after normalisation)", "customer_ids")
     try:
         scope = Scope(frame.get("scope", Scope.INTERSECTION.value))
     except ValueError:
@@ -76,6 +81,16 @@ def parse_round(frame: dict[str, Any], policy: ConsortiumPolicy) -> RoundRequest
                       "seconds", "deadline_s")
     return RoundRequest(ids, scope, attributes, min_holders, participants,
                         None if deadline is None else float(deadline))
+
+
+def outcome_json(result: Outcome | Ended) -> dict[str, Any]:
+    """A round's end as JSON values, without its rows: status, then the abort's reason,
+    detail and culprits, or the withheld count and the attributes with their scales."""
+    if isinstance(result, Ended):
+        return {"status": "aborted", "reason": result.reason.name, "detail": result.detail,
+                "culprits": list(result.culprits)}
+    return {"status": "published", "withheld": result.withheld, "rows": int(result.tokens.size),
+            "attributes": [[a.name, a.scale] for a in result.attributes]}
 
 
 def delivery_body(d: Delivery) -> dict[str, Any]:

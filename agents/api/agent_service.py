@@ -1,0 +1,211 @@
+"""The institution agent as a `RoundService`: what the local API and the application bus run
+rounds through, and where every round the institution takes part in is delivered.
+
+Rounds requested here are kept in a results record, `<state_dir>/results/<round id>.*`,
+written before the inputs that ended them are committed past: a crash of the agent loses no
+result. A record is removed once its round has been handed to the API (its requester's answer,
+or, after a restart, the first `deliveries()` reader). Records found at start are delivered
+first, their rows by token (the customer ids of a query live only in the agent's memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.agent import Agent, RoundEnd
+from agents.api.codec import outcome_json
+from agents.api.service import Delivery, Refused, RoundRequest, roles
+from protocol.errors import AbortReason
+from protocol.machine import Ended, Outcome
+from protocol.policy import ConsortiumPolicy
+from protocol.tokens import (
+    Tokens,
+    first_duplicate,
+    tokenize,
+    tokens_from_bytes,
+    tokens_to_bytes,
+)
+from zerosum.wire import ErrorCode, Role
+
+TOKENIZE_IN_THREAD = 4096  # ids; a larger query is hashed off the event loop
+
+
+class _Listener:
+    """One `deliveries()` iterator: an unbounded queue (its reader, the API server, never
+    blocks on it)."""
+
+    def __init__(self, listeners: list[_Listener], first: list[Delivery]) -> None:
+        self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        for d in first:
+            self.queue.put_nowait(d)
+        listeners.append(self)
+
+    def __aiter__(self) -> _Listener:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        return await self.queue.get()
+
+
+class AgentService:
+    """`RoundService` over a running institution `Agent` (call from the agent's loop)."""
+
+    def __init__(self, agent: Agent, log: logging.Logger | None = None) -> None:
+        if agent.cfg.is_coordinator or agent.cfg.consortium_key is None:
+            raise ValueError("only an institution agent serves rounds")
+        self.agent = agent
+        self.me = agent.cfg.party
+        self.log = log or agent.log
+        self.records = agent.cfg.state_dir / "results"
+        self._key = agent.cfg.consortium_key
+        # round id -> the query's ids and tokens, while the round runs
+        self._asked: dict[bytes, tuple[tuple[str, ...], Tokens]] = {}
+        self._ended: dict[bytes, Delivery] = {}  # requested here, ended, not yet returned
+        self._listeners: list[_Listener] = []
+        self._left_over = load_records(self.records, self.me)
+        self.delivered = 0
+        agent.listeners.append(self._on_ends)
+
+    # -- RoundService ------------------------------------------------------------------------
+    def policy(self) -> ConsortiumPolicy:
+        return self.agent.party.policy
+
+    async def submit(self, round_id: bytes, request: RoundRequest) -> Delivery:
+        ids = request.customer_ids
+        if len(ids) > TOKENIZE_IN_THREAD:
+            tokens = await asyncio.to_thread(tokenize, ids, self._key)
+        else:
+            tokens = tokenize(ids, self._key)
+        if (dup := first_duplicate(tokens)) is not None:
+            raise Refused(ErrorCode.INVALID_FIELD, f"customer id {ids[dup]!r} is in the query "
+                          "twice (after normalisation)", "customer_ids")
+        self._asked[round_id] = (ids, tokens)
+        try:
+            result = await self.agent.submit(
+                round_id, tokens, participants=request.participants,
+                attributes=request.attributes, scope=request.scope,
+                min_holders=request.min_holders, timeout_s=request.deadline_s)
+        except ValueError as exc:  # the protocol's own check of the request
+            raise Refused(ErrorCode.INVALID_FIELD, str(exc)) from exc
+        finally:
+            self._asked.pop(round_id, None)
+        assert result is not None
+        delivery = self._ended.pop(round_id, None)
+        if delivery is None:  # no answer from the coordinator: the agent's own abort
+            delivery = Delivery(round_id, frozenset({Role.REQUESTER}), result, ids)
+            self._fan_out(delivery)
+        await asyncio.to_thread(remove_record, self.records, round_id)
+        return delivery
+
+    def deliveries(self) -> AsyncIterator[Delivery]:
+        first, self._left_over = self._left_over, []
+        if first:
+            self.log.info("%d round results from before the restart delivered first",
+                          len(first))
+            for d in first:  # handed over: the reader keeps them for the next subscriber
+                remove_record(self.records, d.round_id)
+        return _Listener(self._listeners, first)
+
+    def status(self) -> Mapping[str, Any]:
+        a = self.agent
+        return {"party": self.me, "ready": a.ready.is_set(),
+                "rounds_in_flight": len(a.party.running()), "delivered": self.delivered,
+                "received": a.stats.received, "sent": a.stats.sent,
+                "rejected": a.stats.rejected, "outcomes": a.stats.outcomes,
+                "aborted": a.stats.aborted}
+
+    # -- the agent's side --------------------------------------------------------------------
+    async def _on_ends(self, ends: Sequence[RoundEnd]) -> None:
+        """Every round this institution took part in, as it ends: the results record first
+        for those it asked for (in a thread), then to every `deliveries()` reader."""
+        deliveries = [self._delivery(e) for e in ends]
+        mine = [d for d in deliveries if Role.REQUESTER in d.roles]
+        if mine:
+            await asyncio.to_thread(write_records, self.records, mine)
+        for d in deliveries:
+            if d.round_id in self._asked:
+                self._ended[d.round_id] = d
+            self._fan_out(d)
+
+    def _delivery(self, end: RoundEnd) -> Delivery:
+        rid = end.result.round_id
+        asked = self._asked.get(rid)
+        requester = self.me if asked is not None else end.requester
+        names: tuple[str, ...] | None = None
+        if asked is not None and isinstance(end.result, Outcome):
+            ids, tokens = asked
+            by_token = dict(zip(map(bytes, tokens), ids, strict=True))
+            names = tuple(by_token[bytes(t)] for t in end.result.tokens)
+        return Delivery(rid, roles(self.me, requester or "", end.leader), end.result, names)
+
+    def _fan_out(self, delivery: Delivery) -> None:
+        self.delivered += 1
+        for listener in self._listeners:
+            listener.queue.put_nowait(delivery)
+
+
+# -- the results record ------------------------------------------------------------------------
+def _base(directory: Path, round_id: bytes) -> Path:
+    return directory / round_id.hex()
+
+
+def write_records(directory: Path, deliveries: Sequence[Delivery]) -> None:
+    """Each delivery's round end as <rid>.json, and for a published round <rid>.tokens and
+    <rid>.totals.npy, written first: the .json, renamed into place last, marks a whole
+    record."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in deliveries:
+        base = _base(directory, d.round_id)
+        if isinstance(d.result, Outcome):
+            base.with_suffix(".tokens").write_bytes(tokens_to_bytes(d.result.tokens))
+            with open(base.with_suffix(".totals.npy"), "wb") as fh:
+                np.save(fh, np.asarray(d.result.totals, dtype=np.int64))
+        meta = {**outcome_json(d.result), "roles": sorted(r.value for r in d.roles),
+                "requester": d.result.requester if isinstance(d.result, Outcome) else None,
+                "scales": [[a.name, a.scale, a.min, a.max] for a in d.result.attributes]
+                if isinstance(d.result, Outcome) else []}
+        tmp = base.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, base.with_suffix(".json"))
+
+
+def remove_record(directory: Path, round_id: bytes) -> None:
+    base = _base(directory, round_id)
+    for suffix in (".json", ".tokens", ".totals.npy"):
+        base.with_suffix(suffix).unlink(missing_ok=True)
+
+
+def load_records(directory: Path, me: str) -> list[Delivery]:
+    """The whole records in `directory` (an unreadable one is logged and left in place)."""
+    from protocol.fixedpoint import AttributeSpec
+
+    out: list[Delivery] = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            rid = bytes.fromhex(path.stem)
+            meta = json.loads(path.read_text())
+            result: Outcome | Ended
+            if meta["status"] == "published":
+                tokens: Tokens = tokens_from_bytes(path.with_suffix(".tokens").read_bytes())
+                totals = np.load(path.with_suffix(".totals.npy"))
+                specs = tuple(AttributeSpec(str(n), int(s), int(lo), int(hi))
+                              for n, s, lo, hi in meta["scales"])
+                result = Outcome(rid, tokens, totals, specs, int(meta["withheld"]),
+                                 str(meta["requester"]))
+            else:
+                result = Ended(rid, AbortReason[meta["reason"]], str(meta["detail"]),
+                               tuple(meta["culprits"]))
+            out.append(Delivery(rid, frozenset(Role(r) for r in meta["roles"]), result))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logging.getLogger(f"zerosum.{me}").error("results record %s unreadable (%s: %s); "
+                                                     "left in place", path, type(exc).__name__,
+                                                     exc)
+    return out
