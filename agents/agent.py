@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.metadata
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
@@ -43,11 +45,12 @@ from agents.config import ConfigError, ConsortiumFile, PartyConfig
 from agents.data import Snapshot
 from agents.kafka_client import prepare_topics
 from agents.ledger import RoundLedger
+from agents.metrics import AgentMetrics
 from agents.outbox import Outbox
 from agents.position import InboxPosition
 from agents.security import KafkaAccess, as_access
 from protocol.audit import RESEND_HEADER
-from protocol.envelope import digest
+from protocol.envelope import Header, digest
 from protocol.errors import AbortReason, HandlingFailed
 from protocol.machine import Ended, Outcome, Published, SetTimer
 from protocol.messages import MaskAssignment, Scope
@@ -199,6 +202,11 @@ class Agent:
         chain = self.outbox.load_chain()
         self.snapshot: Snapshot | None = None
         self.party: CoordinatorParty | InstitutionParty
+        self.metrics = AgentMetrics(cfg.party, "coordinator" if cfg.is_coordinator else
+                                    "institution", _version(), clock)
+        self._data_seen = (0, 0)  # the snapshot's (loads, errors) the metrics have counted
+        self.lag: int | None = None  # inbox records beyond what is handled, at the last fetch
+        self.kafka_error: str | None = None  # the last fetch or produce failure, until one works
         policy = c.round_policy()
         if cfg.is_coordinator:
             self.party = CoordinatorParty(cfg.keys, c.registry, c.id, policy, chain=chain)
@@ -209,6 +217,7 @@ class Agent:
             self.party = InstitutionParty(cfg.keys, c.registry, c.id, coordinator=c.coordinator,
                                           table=self.snapshot.refresh(), policy=policy,
                                           chain=chain)
+            self._count_data()
         self.party.ledger = self.ledger.load()
         self._consortium_file = ConsortiumFile(c)
         self._producer: AIOKafkaProducer | None = None
@@ -219,6 +228,16 @@ class Agent:
         self._stop.set()
 
     async def run(self) -> None:
+        cfg = self.cfg
+        if cfg.metrics_port is not None:
+            port = self.metrics.serve(cfg.metrics_port)
+            self.log.info("%s metrics on http://127.0.0.1:%d/metrics", cfg.party, port)
+        try:
+            await self._run()
+        finally:
+            self.metrics.close()
+
+    async def _run(self) -> None:
         cfg = self.cfg
         await prepare_topics(cfg.kafka, [p.topic for p in cfg.consortium.registry.values()])
         self._producer = self._new_producer()
@@ -396,6 +415,7 @@ class Agent:
             try:
                 batch = await self._consumer.getmany(tp, timeout_ms=200, max_records=200)
             except KafkaError as exc:  # the fetcher retries by itself; this is what it gave up
+                self.kafka_error = f"fetch: {type(exc).__name__}: {exc}"
                 self.log.warning("fetching %s failed (%s); again in %.1f s", tp.topic, exc,
                                  delay)
                 try:
@@ -404,11 +424,17 @@ class Agent:
                     return
                 continue
             delay = 0.2
+            self.kafka_error = None
             records = batch.get(tp, [])
             if not records:
                 continue
             idle_since = loop.time()
             next_offset = records[-1].offset + 1
+            self.metrics.received.inc(len(records))
+            self.metrics.received_bytes.inc(sum(len(r.value) for r in records))
+            if (end := self._consumer.highwater(tp)) is not None:
+                self.lag = max(end - next_offset, 0)
+                self.metrics.lag.set(self.lag)
             async with self._lock:
                 self._refresh_data()
                 for r in records:
@@ -517,12 +543,13 @@ class Agent:
         if deadline_ms is None:
             deadline_ms = int((self.clock() + timeout_s) * 1000)
         fut: asyncio.Future[Outcome | Ended] = asyncio.get_running_loop().create_future()
-        self.waiters[round_id] = fut
-        self.requested.add(round_id)
         async with self._lock:
-            self._handle(party.request(round_id, query, participants=participants,
-                                       attributes=attributes, deadline_ms=deadline_ms,
-                                       scope=scope, min_holders=min_holders))
+            request = party.request(round_id, query, participants=participants,
+                                    attributes=attributes, deadline_ms=deadline_ms,
+                                    scope=scope, min_holders=min_holders)  # or ValueError
+            self.waiters[round_id] = fut
+            self.requested.add(round_id)
+            self._handle(request)
             await self._flush()
         self.log.info("requested round %s: %d customers, %d participants, scope %s",
                       round_id.hex(), query.size, len(participants), scope)
@@ -536,6 +563,7 @@ class Agent:
                 return await fut
         except TimeoutError:
             self.waiters.pop(round_id, None)
+            self.requested.discard(round_id)
             return Ended(round_id, AbortReason.TIMEOUT,
                          f"no answer from the coordinator {wait_s:.0f} s after the request "
                          "(it may have refused the request without a reply)", ())
@@ -545,6 +573,16 @@ class Agent:
         self._refresh_consortium()
         if self.snapshot is not None and isinstance(self.party, InstitutionParty):
             self.party.set_table(self.snapshot.refresh())
+            self._count_data()
+
+    def _count_data(self) -> None:
+        snap = self.snapshot
+        if snap is None or (snap.loads, snap.errors) == self._data_seen:
+            return
+        if snap.loads != self._data_seen[0] and snap.table is not None:
+            self.metrics.snapshot(len(snap.table))
+        self.metrics.data_errors.inc(snap.errors - self._data_seen[1])
+        self._data_seen = (snap.loads, snap.errors)
 
     def _refresh_consortium(self) -> None:
         """Parties added to or removed from consortium.toml, or a changed policy, take effect
@@ -579,8 +617,11 @@ class Agent:
             if isinstance(e, Outgoing):
                 if not self._replaying:
                     self._pending.append(e)
+                    self.metrics.stage(e.round_id, _kind(e.wires[0]))
             elif isinstance(e, RoundOpened):
                 self._opened.append((e.round_id, e.position, e.envelope))
+                if not self._replaying:
+                    self.metrics.round_opened(e.round_id)
             elif isinstance(e, SetTimer):
                 self.timers[e.round_id] = e.at_ms
                 self._timers_changed.set()
@@ -588,8 +629,10 @@ class Agent:
                 name = type(e.error).__name__
                 if name == "DuplicateEnvelope":
                     self.stats.duplicates += 1
+                    self.metrics.duplicates.inc()
                     continue
                 self.stats.rejected += 1
+                self.metrics.rejected.labels(name).inc()
                 self.stats.rejected_by_reason[name] = self.stats.rejected_by_reason.get(name,
                                                                                         0) + 1
                 if not self._replaying:
@@ -598,12 +641,14 @@ class Agent:
                 self.timers.pop(e.round_id, None)
                 self.stats.published += 1
                 if not self._replaying:
+                    self.metrics.round_ended(e.round_id, "published")
                     self.log.info("round %s published: %d rows, %d kept", e.round_id.hex(),
                                   e.rows, e.kept)
             elif isinstance(e, Ended):
                 self.timers.pop(e.round_id, None)
                 self.stats.aborted += 1
                 if not self._replaying:
+                    self.metrics.round_ended(e.round_id, "aborted", e.reason.name)
                     self.log.warning("round %s aborted: %s: %s", e.round_id.hex(),
                                      e.reason.name, e.detail)
                     self._ends.append(self._round_end(e))
@@ -611,6 +656,7 @@ class Agent:
                 self.timers.pop(e.round_id, None)
                 self.stats.outcomes += 1
                 if not self._replaying:
+                    self.metrics.round_ended(e.round_id, "result")
                     self.log.info("round %s result: %d rows (%d withheld)", e.round_id.hex(),
                                   e.tokens.size, e.withheld)
                     self._ends.append(self._round_end(e))
@@ -620,8 +666,9 @@ class Agent:
         a = getattr(m, "assignment", None)
         if isinstance(a, MaskAssignment):
             return RoundEnd(result, a.requester, a.leader)
-        asked = result.round_id in self.requested
-        return RoundEnd(result, self.cfg.party if asked else getattr(result, "requester", None),
+        if isinstance(result, Outcome):
+            return RoundEnd(result, result.requester, None)
+        return RoundEnd(result, self.cfg.party if result.round_id in self.requested else None,
                         None)
 
     async def _deliver(self) -> None:
@@ -676,7 +723,9 @@ class Agent:
             failed = [it for it, r in zip(items, results, strict=True)
                       if isinstance(r, BaseException)]
             if not failed:
+                self.kafka_error = None
                 return
+            self.kafka_error = f"produce: {len(failed)} envelopes not acknowledged"
             self.log.warning("%d of %d envelopes not acknowledged (%s); sending them again in "
                              "%.1f s", len(failed), len(items), next(
                                  r for r in results if isinstance(r, BaseException)), delay)
@@ -741,9 +790,13 @@ class Agent:
         items = [(o.topic, w) for o in self._pending for w in o.wires]
         self._pending.clear()
         await asyncio.to_thread(self.outbox.stage, items, through)
+        self.metrics.outbox_pending.set(len(items))
         await self._produce(items)
         self.stats.sent += len(items)
+        self.metrics.sent.inc(len(items))
+        self.metrics.sent_bytes.inc(sum(len(w) for _, w in items))
         self.outbox.done(self.party.chain)
+        self.metrics.outbox_pending.set(0)
         return True
 
 
@@ -751,3 +804,18 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen (one left to a replaced producer)."""
     if not fut.cancelled():
         fut.exception()
+
+
+def _kind(wire: bytes) -> str:
+    """The message kind of an envelope this agent sealed (a metrics label)."""
+    try:
+        return Header.decode(msgpack.unpackb(wire)[1]).kind.name.lower()
+    except Exception:  # never: the agent sealed it; a label is not worth a failure
+        return "unknown"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("zerosum")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

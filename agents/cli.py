@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agents.broker import (
     DEFAULT_CONTROLLER_PORT,
@@ -297,11 +298,41 @@ def cmd_agent(args: argparse.Namespace) -> int:
                        f"{'the coordinator' if cfg.is_coordinator else 'an institution'}; "
                        f"use `zerosum {'coordinator' if cfg.is_coordinator else 'institution'}`")
     setup_logging(args.log_format or cfg.log_format, args.verbose)
+    if args.metrics_port is not None:
+        cfg = dataclasses.replace(cfg, metrics_port=args.metrics_port)
     try:
         asyncio.run(run_agent(cfg))
     except DataFileError as exc:
         raise CliError(str(exc)) from exc
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0: the agent answers and is ready; 1: it answers but is not ready; 3: no agent
+    answers on the socket (not running, or not yet recovered)."""
+    import asyncio
+    import json
+
+    from zerosum import ApiError, Client
+
+    cfg = _party(args.config)
+    if cfg.is_coordinator:
+        raise CliError(f"{args.config} is the coordinator's: it serves no local API; scrape "
+                       "its metrics_port instead")
+
+    async def ask() -> dict[str, Any]:
+        async with asyncio.timeout(args.timeout), Client(cfg.api_socket) as client:
+            return await client.status()
+
+    try:
+        status = asyncio.run(ask())
+    except (OSError, ApiError, TimeoutError) as exc:
+        print(json.dumps({"party": cfg.party, "running": False, "socket": str(cfg.api_socket),
+                          "error": f"{type(exc).__name__}: {exc}"}, indent=2))
+        return 3
+    agent = status.get("agent", {})
+    print(json.dumps({"party": cfg.party, "running": True, **status}, indent=2))
+    return 0 if agent.get("ready") and agent.get("kafka_available", True) else 1
 
 
 def cmd_round(args: argparse.Namespace) -> int:
@@ -372,7 +403,21 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         q.add_argument("--config", type=Path, required=True, help="the party's TOML file")
         q.add_argument("--log-format", choices=["text", "json"],
                        help="override log_format of the config file")
+        q.add_argument("--metrics-port", type=int,
+                       help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: a free "
+                            "port, logged); overrides metrics_port of the config file")
         q.set_defaults(func=cmd_agent)
+    st = sub.add_parser("status", help="ask a running institution agent how it is",
+                        description="Ask the institution agent of CONFIG, through its local "
+                                    "API, how it is: ready or not, Kafka reachable, rounds in "
+                                    "flight, inbox lag, last data load and its errors, "
+                                    "version; printed as JSON. Exit 0 when it is ready, 1 "
+                                    "when it answers but is not ready (or Kafka is away), 3 "
+                                    "when no agent answers.")
+    st.add_argument("--config", type=Path, required=True, help="the institution's TOML file")
+    st.add_argument("--timeout", type=float, default=10.0,
+                    help="seconds to wait for the answer (default: %(default)s)")
+    st.set_defaults(func=cmd_status)
     r = sub.add_parser("round", help="request a round for an institution and wait for it",
                        description="Hand a round request to this institution's running agent "
                                    "(through its local API socket), wait, and print or write "

@@ -341,6 +341,7 @@ class PartyConfig:
     kafka: KafkaAccess  # bootstrap and, in secure mode, the party's SCRAM credential
     api: ApiConfig = ApiConfig()
     app: AppConfig | None = None  # institutions only: [app], the application bus
+    metrics_port: int | None = None  # /metrics on 127.0.0.1 (0: a free port); None: off
 
     @property
     def api_socket(self) -> Path:
@@ -415,8 +416,13 @@ def load_party(path: Path) -> PartyConfig:
         if party == consortium.coordinator:
             raise ConfigError(f"{w} [app]: the coordinator has no application bus")
         app = _app(raw["app"], f"{w} [app]", base, party)
+    metrics_port = None
+    if "metrics_port" in raw:
+        metrics_port = _get(raw, "metrics_port", int, w)
+        if not 0 <= metrics_port <= 65535:
+            raise ConfigError(f"{w}: field 'metrics_port' must be 0..65535")
     return PartyConfig(path, party, consortium, keys, rel("state_dir"), str(bootstrap),
-                       log_format, ckey, data, kafka, api, app)
+                       log_format, ckey, data, kafka, api, app, metrics_port)
 
 
 class ConsortiumFile:

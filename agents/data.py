@@ -183,6 +183,8 @@ class Snapshot:
     key: bytes
     table: LocalTable | None = None
     stamp: tuple[int, int] | None = None
+    loads: int = 0  # files loaded, and files refused, since start (for the metrics)
+    errors: int = 0
 
     def refresh(self) -> LocalTable:
         """Reload if the file changed; on a bad file keep (and return) the last good table."""
@@ -194,6 +196,7 @@ class Snapshot:
                 raise DataFileError(f"{self.path}: cannot read: {exc.strerror}") from exc
             log.error("data file %s is unreadable (%s); keeping the last good snapshot",
                       self.path, exc.strerror)
+            self.errors += 1
             return self.table
         if stamp == self.stamp and self.table is not None:
             return self.table
@@ -204,7 +207,9 @@ class Snapshot:
                 raise
             log.error("%s; keeping the last good snapshot (%d customers)", exc, len(self.table))
             self.stamp = stamp
+            self.errors += 1
             return self.table
         self.table, self.stamp = table, stamp
+        self.loads += 1
         log.info("loaded %d customers from %s", len(table), self.path)
         return table

@@ -28,6 +28,7 @@ class AgentMetrics:
     def __init__(self, party: str, role: str, version: str, clock: Callable[[], float]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.clock = clock
+        self.version = version
         r = self.registry
         Info("zerosum_agent", "The agent: its party, role and version.", registry=r).info(
             {"party": party, "role": role, "version": version})
@@ -103,6 +104,11 @@ class AgentMetrics:
         self.snapshot_rows.set(rows)
         self.snapshot_loaded.set(self._loaded_at)
 
+    @property
+    def snapshot_loaded_at(self) -> float | None:
+        """When the data snapshot in use was loaded (Unix time), if one was."""
+        return self._loaded_at
+
     def _snapshot_age(self) -> float:
         return 0.0 if self._loaded_at is None else max(self.clock() - self._loaded_at, 0.0)
 
@@ -111,6 +117,11 @@ class AgentMetrics:
         """Serve /metrics on addr:port (0: a free port) in a thread; returns the port."""
         self._server, self._thread = start_http_server(port, addr, registry=self.registry)
         return int(self._server.server_port)
+
+    @property
+    def port(self) -> int | None:
+        """The port /metrics is served on, while it is."""
+        return None if self._server is None else int(self._server.server_port)
 
     def close(self) -> None:
         if self._server is not None:

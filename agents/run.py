@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from agents.agent import SUBMIT_MARGIN_S, Agent
+from agents.api import ApiServer, ApiSettings, RoundScheduler
+from agents.api.agent_service import AgentService
+from agents.api.appbus import AppBridge
 from agents.config import PartyConfig, load_party
 from agents.data import load_query
 from agents.health import KafkaWatch
@@ -24,9 +27,14 @@ from zerosum.results import RoundResult
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; an exception's traceback goes in `exception`."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": self.formatTime(record), "level": record.levelname,
-                           "logger": record.name, "message": record.getMessage()})
+        line = {"time": self.formatTime(record), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def setup_logging(fmt: str, verbose: bool) -> None:
@@ -43,10 +51,6 @@ async def serve_party(agent: Agent, *, api: bool = True) -> None:
     """Run `agent` until `agent.stop()`: for an institution, with its local API (unless not
     `api`) and, when its TOML has [app], its application bus, both started once the agent is
     ready and stopped with it. A socket or bus that cannot start stops the agent too."""
-    from agents.api import ApiServer, ApiSettings, RoundScheduler
-    from agents.api.agent_service import AgentService
-    from agents.api.appbus import AppBridge
-
     cfg = agent.cfg
     servers: list[ApiServer | AppBridge] = []
     if not cfg.is_coordinator and (api or cfg.app is not None):
@@ -59,6 +63,17 @@ async def serve_party(agent: Agent, *, api: bool = True) -> None:
             servers.append(AppBridge(scheduler, cfg.app, id_key=cfg.keys.secret,
                                      log=logging.getLogger(f"zerosum.{cfg.party}.appbus")))
     failed: list[Exception] = []
+    try:
+        await _serve(agent, servers, failed)
+    except BaseExceptionGroup as group:  # what stopped the agent, as callers expect it
+        raise group.exceptions[0] from None
+    if failed:
+        raise failed[0]
+
+
+async def _serve(agent: Agent, servers: list[ApiServer | AppBridge],
+                 failed: list[Exception]) -> None:
+    cfg = agent.cfg
 
     def stop_servers(_: object = None) -> None:
         for s in servers:
@@ -90,8 +105,6 @@ async def serve_party(agent: Agent, *, api: bool = True) -> None:
                 agent.serving.set()  # the line below is what process managers wait for
                 agent.log.info("%s serving%s", cfg.party,
                                f": {', '.join(doors)}" if doors else "")
-    if failed:
-        raise failed[0]
 
 
 async def _all_set(events: list[asyncio.Event]) -> None:
@@ -177,8 +190,8 @@ def request_round(cfg: PartyConfig, query: Path, *, scope: Scope, out: Path | No
     result = asyncio.run(_ask(cfg, ids, scope=scope, participants=parts, min_holders=holders,
                               deadline_s=timeout, progress_s=progress_s))
     names = list(result.attributes)
-    rows = [[row.customer_id or row.token, str(row.holders), *(str(row.totals[n]) for n in names)]
-            for row in result.rows]
+    rows = [[row.customer_id or row.token, str(row.holders),
+             *(format(row.totals[n], "f") for n in names)] for row in result.rows]
     header = ["customer_id", "holders", *names]
     if out is not None:
         with open(out, "w", newline="") as fh:
@@ -208,7 +221,9 @@ async def _ask(cfg: PartyConfig, ids: list[str], *, scope: Scope, participants: 
                     if not asking.done():
                         print(f"  waiting for the result ({time.monotonic() - t0:.0f} s)",
                               file=sys.stderr)
-            return asking.result()
+            result = asking.result()
+            print(f"round {result.round_id}", file=sys.stderr)
+            return result
     except RoundAborted as exc:
         raise RoundFailed(f"round aborted: {exc.reason}: {exc.detail}") from exc
     except RequestRefused as exc:

@@ -63,6 +63,7 @@ class FakeRoundService:
         self._listeners: list[_Listener] = []
         self.probe: Callable[[], int] | None = None  # read as each submit begins
         self.probed: list[int] = []
+        self.taken_ids: list[bytes] = []  # `taken` calls, in order
 
     def policy(self) -> ConsortiumPolicy:
         return self._policy
@@ -130,6 +131,9 @@ class FakeRoundService:
 
     def status(self) -> Mapping[str, Any]:
         return {"submitted": self.submitted, "in_flight": self.in_flight}
+
+    def taken(self, round_id: bytes) -> None:
+        self.taken_ids.append(round_id)
 
 
 def attribute_specs() -> dict[str, AttributeSpec]:

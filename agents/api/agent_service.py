@@ -1,11 +1,14 @@
 """The institution agent as a `RoundService`: what the local API and the application bus run
 rounds through, and where every round the institution takes part in is delivered.
 
-Rounds requested here are kept in a results record, `<state_dir>/results/<round id>.*`,
-written before the inputs that ended them are committed past: a crash of the agent loses no
-result. A record is removed once its round has been handed to the API (its requester's answer,
-or, after a restart, the first `deliveries()` reader). Records found at start are delivered
-first, their rows by token (the customer ids of a query live only in the agent's memory).
+Rounds requested here are kept in a results record, `<state_dir>/results/<round id>.*`: an
+`.asked` marker written before the request is sent, then the round's end, written before the
+inputs that ended it are committed past. A record is removed once its end has reached a client
+(`taken`: the requester's answer or a subscriber's delivery written, the app bus's record
+acknowledged); so a crash of the agent at any point loses no result, and one may be delivered
+twice. Records found at start are delivered first, their rows by token (the customer ids of a
+query live only in the agent's memory). Only rounds this agent asked for get a record: an
+assignment naming it as requester of a round it never asked for leaves nothing on disk.
 """
 
 from __future__ import annotations
@@ -70,7 +73,10 @@ class AgentService:
         self._asked: dict[bytes, tuple[tuple[str, ...], Tokens]] = {}
         self._ended: dict[bytes, Delivery] = {}  # requested here, ended, not yet returned
         self._listeners: list[_Listener] = []
-        self._left_over = load_records(self.records, self.me)
+        self._taken: set[bytes] = set()  # records to remove
+        self._removing: asyncio.Future[None] | None = None
+        self._left_over = load_records(self.records, self.me, self.log)
+        self._recorded = {d.round_id for d in self._left_over}  # ends on disk
         self.delivered = 0
         agent.listeners.append(self._on_ends)
 
@@ -89,11 +95,13 @@ class AgentService:
                           "twice (after normalisation)", "customer_ids")
         self._asked[round_id] = (ids, tokens)
         try:
+            await asyncio.to_thread(mark_asked, self.records, round_id)
             result = await self.agent.submit(
                 round_id, tokens, participants=request.participants,
                 attributes=request.attributes, scope=request.scope,
                 min_holders=request.min_holders, timeout_s=request.deadline_s)
         except ValueError as exc:  # the protocol's own check of the request
+            await asyncio.to_thread(remove_record, self.records, round_id)
             raise Refused(ErrorCode.INVALID_FIELD, str(exc)) from exc
         finally:
             self._asked.pop(round_id, None)
@@ -101,49 +109,80 @@ class AgentService:
         delivery = self._ended.pop(round_id, None)
         if delivery is None:  # no answer from the coordinator: the agent's own abort
             delivery = Delivery(round_id, frozenset({Role.REQUESTER}), result, ids)
+            await asyncio.to_thread(write_records, self.records, [delivery])
             self._fan_out(delivery)
-        await asyncio.to_thread(remove_record, self.records, round_id)
         return delivery
 
+    def taken(self, round_id: bytes) -> None:
+        if self._has_record(round_id):
+            self._taken.add(round_id)
+            if self._removing is None or self._removing.done():
+                self._removing = asyncio.ensure_future(self._remove_taken())
+
+    async def _remove_taken(self) -> None:
+        while self._taken:
+            batch, self._taken = self._taken, set()
+            await asyncio.to_thread(remove_records, self.records, batch)
+            self._recorded.difference_update(batch)
+
+    async def removals(self) -> None:
+        """Return once the records `taken` so far are off the disk."""
+        if self._removing is not None:
+            await self._removing
+
+    def _has_record(self, round_id: bytes) -> bool:
+        return round_id in self._recorded
+
     def deliveries(self) -> AsyncIterator[Delivery]:
+        """From now on; the first reader gets first the records left from before a restart
+        (they stay on disk until `taken`)."""
         first, self._left_over = self._left_over, []
         if first:
             self.log.info("%d round results from before the restart delivered first",
                           len(first))
-            for d in first:  # handed over: the reader keeps them for the next subscriber
-                remove_record(self.records, d.round_id)
         return _Listener(self._listeners, first)
 
     def status(self) -> Mapping[str, Any]:
         a = self.agent
-        return {"party": self.me, "ready": a.ready.is_set(),
-                "rounds_in_flight": len(a.party.running()), "delivered": self.delivered,
-                "received": a.stats.received, "sent": a.stats.sent,
-                "rejected": a.stats.rejected, "outcomes": a.stats.outcomes,
-                "aborted": a.stats.aborted}
+        snap = a.snapshot
+        loaded = a.metrics.snapshot_loaded_at
+        return {"party": self.me, "version": a.metrics.version, "ready": a.ready.is_set(),
+                "kafka_available": a.kafka_error is None, "kafka_error": a.kafka_error,
+                "inbox_lag": a.lag, "rounds_in_flight": len(a.party.running()),
+                "data": {"rows": None if snap is None or snap.table is None else
+                         len(snap.table), "loaded_at": loaded, "load_errors":
+                         0 if snap is None else snap.errors},
+                "delivered": self.delivered, "received": a.stats.received,
+                "sent": a.stats.sent, "rejected": a.stats.rejected,
+                "outcomes": a.stats.outcomes, "aborted": a.stats.aborted}
 
     # -- the agent's side --------------------------------------------------------------------
     async def _on_ends(self, ends: Sequence[RoundEnd]) -> None:
         """Every round this institution took part in, as it ends: the results record first
         for those it asked for (in a thread), then to every `deliveries()` reader."""
-        deliveries = [self._delivery(e) for e in ends]
-        mine = [d for d in deliveries if Role.REQUESTER in d.roles]
+        asked = await asyncio.to_thread(
+            lambda: {e.result.round_id for e in ends if e.result.round_id in self._asked
+                     or asked_here(self.records, e.result.round_id)})
+        deliveries = [self._delivery(e, e.result.round_id in asked) for e in ends]
+        mine = [d for d in deliveries if d.round_id in asked]
         if mine:
             await asyncio.to_thread(write_records, self.records, mine)
+            self._recorded.update(d.round_id for d in mine)
         for d in deliveries:
             if d.round_id in self._asked:
                 self._ended[d.round_id] = d
             self._fan_out(d)
 
-    def _delivery(self, end: RoundEnd) -> Delivery:
+    def _delivery(self, end: RoundEnd, mine: bool) -> Delivery:
+        """`mine`: asked by this agent, now or before a restart (its `.asked` marker): the
+        requester, whatever the assignment says."""
         rid = end.result.round_id
-        asked = self._asked.get(rid)
-        requester = self.me if asked is not None else end.requester
+        query = self._asked.get(rid)
+        requester = self.me if mine else (
+            None if end.requester == self.me else end.requester)
         names: tuple[str, ...] | None = None
-        if asked is not None and isinstance(end.result, Outcome):
-            ids, tokens = asked
-            by_token = dict(zip(map(bytes, tokens), ids, strict=True))
-            names = tuple(by_token[bytes(t)] for t in end.result.tokens)
+        if query is not None and isinstance(end.result, Outcome):
+            names = names_of(end.result.tokens, *query)
         return Delivery(rid, roles(self.me, requester or "", end.leader), end.result, names)
 
     def _fan_out(self, delivery: Delivery) -> None:
@@ -164,10 +203,13 @@ def write_records(directory: Path, deliveries: Sequence[Delivery]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for d in deliveries:
         base = _base(directory, d.round_id)
-        if isinstance(d.result, Outcome):
-            base.with_suffix(".tokens").write_bytes(tokens_to_bytes(d.result.tokens))
+        if isinstance(d.result, Outcome):  # whole on disk before the .json names them
+            with open(base.with_suffix(".tokens"), "wb") as fh:
+                fh.write(tokens_to_bytes(d.result.tokens))
+                os.fsync(fh.fileno())
             with open(base.with_suffix(".totals.npy"), "wb") as fh:
                 np.save(fh, np.asarray(d.result.totals, dtype=np.int64))
+                os.fsync(fh.fileno())
         meta = {**outcome_json(d.result), "roles": sorted(r.value for r in d.roles),
                 "requester": d.result.requester if isinstance(d.result, Outcome) else None,
                 "scales": [[a.name, a.scale, a.min, a.max] for a in d.result.attributes]
@@ -177,13 +219,36 @@ def write_records(directory: Path, deliveries: Sequence[Delivery]) -> None:
         os.replace(tmp, base.with_suffix(".json"))
 
 
+def mark_asked(directory: Path, round_id: bytes) -> None:
+    """The `.asked` marker of a round this agent is about to request."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _base(directory, round_id).with_suffix(".asked").touch()
+
+
+def asked_here(directory: Path, round_id: bytes) -> bool:
+    return _base(directory, round_id).with_suffix(".asked").exists()
+
+
 def remove_record(directory: Path, round_id: bytes) -> None:
     base = _base(directory, round_id)
-    for suffix in (".json", ".tokens", ".totals.npy"):
+    for suffix in (".json", ".tokens", ".totals.npy", ".asked"):
         base.with_suffix(suffix).unlink(missing_ok=True)
 
 
-def load_records(directory: Path, me: str) -> list[Delivery]:
+def remove_records(directory: Path, round_ids: set[bytes]) -> None:
+    for rid in round_ids:
+        remove_record(directory, rid)
+
+
+def names_of(result: Tokens, ids: tuple[str, ...], query: Tokens) -> tuple[str, ...]:
+    """The customer ids of `result`'s tokens, each one of the `query` tokens of `ids`
+    (numpy: a sort and a binary search, not a dict of a million byte strings)."""
+    order = np.argsort(query, kind="stable")
+    at = order[np.searchsorted(query[order], result)]
+    return tuple(ids[i] for i in at.tolist())
+
+
+def load_records(directory: Path, me: str, log: logging.Logger) -> list[Delivery]:
     """The whole records in `directory` (an unreadable one is logged and left in place)."""
     from protocol.fixedpoint import AttributeSpec
 
@@ -203,9 +268,11 @@ def load_records(directory: Path, me: str) -> list[Delivery]:
             else:
                 result = Ended(rid, AbortReason[meta["reason"]], str(meta["detail"]),
                                tuple(meta["culprits"]))
+            if isinstance(result, Outcome) and result.totals.shape[0] != result.tokens.size:
+                raise ValueError(f"{result.tokens.size} tokens and {result.totals.shape[0]} "
+                                 "rows")
             out.append(Delivery(rid, frozenset(Role(r) for r in meta["roles"]), result))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            logging.getLogger(f"zerosum.{me}").error("results record %s unreadable (%s: %s); "
-                                                     "left in place", path, type(exc).__name__,
-                                                     exc)
+        except Exception as exc:  # a torn or foreign file never stops the agent
+            log.error("results record %s unreadable (%s: %s); left in place", path,
+                      type(exc).__name__, exc)
     return out

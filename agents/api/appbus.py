@@ -299,6 +299,7 @@ class AppBridge:
         if await self._send(producer, delivery.round_id.hex().encode(),
                             {"type": "delivery", "request_id": request_id}, delivery=body):
             self.delivered += 1
+            self.service.taken(delivery.round_id)
 
     async def _error(self, producer: AIOKafkaProducer, key: bytes | None, request_id: Any,
                      round_id: bytes | None, exc: Refused, where: dict[str, Any]) -> None:

@@ -13,10 +13,10 @@ from protocol.fixedpoint import format_decimal
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
 from protocol.policy import ConsortiumPolicy
-from protocol.tokens import normalise_id
 from zerosum.wire import ROLE_ORDER, ErrorCode, encode_json
 
 MAX_ID_CHARS = 256
+MAX_DEADLINE_S = 86_400  # a round that runs longer holds a slot of max_in_flight as long
 _UNUSABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 
 
@@ -45,11 +45,6 @@ def parse_round(frame: dict[str, Any], policy: ConsortiumPolicy) -> RoundRequest
     if bad := _UNUSABLE.search("".join(ids)):  # one pass in C, whatever the query's size
         raise Refused(ErrorCode.INVALID_FIELD, f"a customer id holds {bad.group()!r}: a "
                       "control character or a lone surrogate", "customer_ids")
-    seen: dict[str, int] = {}
-    for k, cid in enumerate(ids):  # the same customer twice would be one token twice
-        if (first := seen.setdefault(normalise_id(cid), k)) != k:
-            raise Refused(ErrorCode.INVALID_FIELD, f"customer ids {ids[first]!r} and {cid!r} "
-                          "are the same customer (after normalisation)", "customer_ids")
     try:
         scope = Scope(frame.get("scope", Scope.INTERSECTION.value))
     except ValueError:
@@ -62,6 +57,9 @@ def parse_round(frame: dict[str, Any], policy: ConsortiumPolicy) -> RoundRequest
     if len(set(attributes)) != len(attributes):
         raise Refused(ErrorCode.INVALID_FIELD, "an attribute is named twice", "attributes")
     participants = _strings(frame, "participants") or tuple(sorted(policy.institutions))
+    if len(set(participants)) != len(participants):
+        raise Refused(ErrorCode.INVALID_FIELD, "an institution is named twice",
+                      "participants")
     if unknown := [p for p in participants if p not in policy.institutions]:
         raise Refused(ErrorCode.UNKNOWN_PARTICIPANT,
                       f"{unknown[0]!r} is not an institution of the consortium", "participants")
@@ -73,12 +71,16 @@ def parse_round(frame: dict[str, Any], policy: ConsortiumPolicy) -> RoundRequest
     if min_holders < policy.min_holders:
         raise Refused(ErrorCode.BELOW_FLOOR, f"min_holders {min_holders} is below the "
                       f"consortium's floor of {policy.min_holders}", "min_holders")
+    if min_holders > len(participants):
+        raise Refused(ErrorCode.INVALID_FIELD, f"min_holders {min_holders} is more than the "
+                      f"{len(participants)} participants", "min_holders")
     deadline = frame.get("deadline_s")
     if deadline is not None and (isinstance(deadline, bool)
                                  or not isinstance(deadline, int | float)
-                                 or not math.isfinite(deadline) or deadline <= 0):
+                                 or not math.isfinite(deadline) or deadline <= 0
+                                 or deadline > MAX_DEADLINE_S):
         raise Refused(ErrorCode.INVALID_FIELD, "deadline_s must be a positive number of "
-                      "seconds", "deadline_s")
+                      f"seconds, at most {MAX_DEADLINE_S}", "deadline_s")
     return RoundRequest(ids, scope, attributes, min_holders, participants,
                         None if deadline is None else float(deadline))
 

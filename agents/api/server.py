@@ -91,16 +91,18 @@ class _Connection:
         self._lock = asyncio.Lock()
         self.closed = False
 
-    async def send(self, frame: dict[str, Any], **encoded: bytes) -> None:
-        """Write one frame; quietly nothing once the client has gone."""
+    async def send(self, frame: dict[str, Any], **encoded: bytes) -> bool:
+        """Write one frame; whether it was written (quietly not once the client has gone)."""
         if self.closed:
-            return
+            return False
         async with self._lock:
             try:
                 self.writer.write(encode_frame(frame, **encoded))
                 await self.writer.drain()
             except (ConnectionError, RuntimeError):  # RuntimeError: the transport closed
                 self.closed = True
+                return False
+        return True
 
 
 class _Subscriber:
@@ -199,7 +201,9 @@ class ApiServer:
     def _bind_unix(self, path: Path) -> socket.socket:
         """A listening socket at `path`, mode 600 from the moment it has that name: bound
         under a random name beside it, chmod'ed, then renamed over `path`."""
-        if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        # the temporary name is no longer than "api.sock": a path that fits, fits both ways
+        tmp = path.with_name(f".{secrets.token_hex(3)}")
+        if max(len(os.fsencode(path)), len(os.fsencode(tmp))) > MAX_UNIX_PATH:
             raise SocketPathError(f"{path}: a Unix socket path has at most {MAX_UNIX_PATH} "
                                   "bytes; set [api] socket to a shorter path")
         if path.exists():
@@ -215,7 +219,6 @@ class ApiServer:
             finally:
                 probe.close()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(tmp))
@@ -390,7 +393,8 @@ class ApiServer:
                                        round_id.hex())
                     answer = self._error_frame(rid, ErrorCode.SERVICE_FAILED,
                                                f"{type(exc).__name__}: {exc}")
-            await conn.send(answer, **body)
+            if await conn.send(answer, **body) and delivery is not None:
+                self.service.taken(delivery.round_id)
         finally:
             conn.pending.release()
 
@@ -428,8 +432,9 @@ class ApiServer:
                                      "dropped": item.dropped})
                 sub.conn.subscription = None
                 return
-            await sub.conn.send({"type": FrameType.DELIVERY.value, "id": sub.request_id},
-                                delivery=item[1])
+            if await sub.conn.send({"type": FrameType.DELIVERY.value, "id": sub.request_id},
+                                   delivery=item[1]):
+                self.service.taken(item[0].round_id)
 
     async def _encoded(self, delivery: Delivery) -> bytes:
         """The delivery as JSON, made in a thread: a large round's rows take seconds to

@@ -98,3 +98,9 @@ class RoundService(Protocol):
     def status(self) -> Mapping[str, Any]:
         """The agent's figures (JSON values only), for the `status` request."""
         ...
+
+    def taken(self, round_id: bytes) -> None:
+        """The end of `round_id` reached a client: its requester's answer or a subscriber's
+        delivery frame was written, or the app bus's record acknowledged. Until then the
+        agent keeps it (durably, for a round asked here)."""
+        ...
