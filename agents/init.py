@@ -5,19 +5,27 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
+import tomli_w
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agents.config import topic_for
 from agents.security import write_consortium_security
 from protocol.envelope import KemKind, kem_keys
 from protocol.fixedpoint import AttributeSpec
-from protocol.messages import MaskMode
+from protocol.messages import MaskMode, check_party
 
 DEFAULT_ATTRIBUTES = (
     AttributeSpec("balance", 2, -10**13, 10**13),   # loan balance, +-100 billion at cents
     AttributeSpec("overdue_days", 0, 0, 36_500),
 )
+
+
+def _toml(table: dict[str, Any], comment: str = "") -> str:
+    """TOML text written by tomli_w (every string escaped), after `comment` as # lines."""
+    lines = "".join(f"# {line}\n" if line else "#\n" for line in comment.splitlines())
+    return lines + tomli_w.dumps(table)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -28,7 +36,7 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
-def _party_keys(directory: Path, name: str, kem: KemKind) -> str:
+def _party_keys(directory: Path, name: str, kem: KemKind) -> dict[str, str]:
     """Write `keys/<name>/<name>.key` (mode 600); return the party's [parties] entry.
 
     Each party's secrets are in a directory of their own, to be handed to that party alone:
@@ -37,13 +45,22 @@ def _party_keys(directory: Path, name: str, kem: KemKind) -> str:
     kem_private = os.urandom(32 if kem is KemKind.X25519 else 96)
     _, _, kem_pub = kem_keys(kem, kem_private)
     kem_name = "x25519" if kem is KemKind.X25519 else "mlkem768-x25519"
-    _write_private(directory / "keys" / name / f"{name}.key",
-                   f'kem = "{kem_name}"\nsigning_seed = "{signing_seed.hex()}"\n'
-                   f'kem_private = "{kem_private.hex()}"\nsecret = "{os.urandom(32).hex()}"\n')
+    _write_private(directory / "keys" / name / f"{name}.key", _toml({
+        "kem": kem_name, "signing_seed": signing_seed.hex(), "kem_private": kem_private.hex(),
+        "secret": os.urandom(32).hex()}))
     sign_pub = ed25519.Ed25519PrivateKey.from_private_bytes(signing_seed).public_key()
-    return (f'[parties.{name}]\nkem = "{kem_name}"\n'
-            f'signing_key = "{sign_pub.public_bytes_raw().hex()}"\n'
-            f'kem_key = "{kem_pub.hex()}"\n')
+    return {"kem": kem_name, "signing_key": sign_pub.public_bytes_raw().hex(),
+            "kem_key": kem_pub.hex()}
+
+
+POLICY_COMMENT = """The consortium's floors: the coordinator and every institution enforce them,
+and a request may only raise them.
+allow_subsets      true: a round may leave institutions out
+min_participants   with subsets: the fewest institutions (0: all)
+min_holders        rows held by fewer institutions are withheld
+max_query          customers in one query, at most
+difference_window  rounds remembered against differencing
+masks              dealt (the patent) or pairwise"""
 
 
 def sample_rows(rng: random.Random, customers: int, universe: int,
@@ -80,54 +97,50 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
             return sorted(directory.glob("*.toml"))
         raise FileExistsError(f"{directory / 'consortium.toml'} exists; choose another "
                               "directory (or pass --keep-existing)")
+    check_party(consortium, "consortium id")  # ValueError, as load_consortium would say
     directory.mkdir(parents=True, exist_ok=True)
     names = [f"bank-{i}" for i in range(1, institutions + 1)]
-    parts = [f'[consortium]\nid = "{consortium}"\nbootstrap = "{bootstrap}"\n'
-             'coordinator = "coordinator"\n',
-             "[policy]\n"
-             "# The consortium's floors: the coordinator and every institution enforce them,\n"
-             "# and a request may only raise them.\n"
-             "allow_subsets = false       # true: a round may leave institutions out\n"
-             "min_participants = 0        # with subsets: the fewest institutions (0: all)\n"
-             "min_holders = 1             # rows held by fewer institutions are withheld\n"
-             "max_query = 10000000        # customers in one query, at most\n"
-             "difference_window = 10000   # rounds remembered against differencing\n"
-             f'masks = "{masks}"{" " * (18 - len(str(masks)))}# dealt (the patent) or pairwise\n'
-             "deadline_s = 120\n"]
-    for a in attributes:
-        parts.append(f'[[attributes]]\nname = "{a.name}"\nscale = {a.scale}\n'
-                     f'min = "{a.format(a.min)}"\nmax = "{a.format(a.max)}"\n')
-    kafka, party_kafka = write_consortium_security(directory, consortium,
-                                                   ["coordinator", *names], insecure=insecure,
-                                                   ca=ca)
-    parts.insert(1, kafka)
-    parts.append(_party_keys(directory, "coordinator", kem))
+    kafka = write_consortium_security(directory, consortium, ["coordinator", *names],
+                                      insecure=insecure, ca=ca)
+    parties = {"coordinator": _party_keys(directory, "coordinator", kem)}
     ckey = os.urandom(32).hex()
     rng = random.Random()
     universe = max(customers * 2, 10)
     for name in names:
-        parts.append(_party_keys(directory, name, kem))
-        _write_private(directory / "keys" / name / "consortium.key", f'key = "{ckey}"\n')
+        parties[name] = _party_keys(directory, name, kem)
+        _write_private(directory / "keys" / name / "consortium.key", _toml({"key": ckey}))
         data = directory / "data" / f"{name}.csv"
         data.parent.mkdir(exist_ok=True)
         with open(data, "w") as fh:
             fh.write(",".join(["customer_id", *(a.name for a in attributes)]) + "\n")
             fh.writelines(",".join(r) + "\n"
                           for r in sample_rows(rng, customers, universe, attributes))
-    (directory / "consortium.toml").write_text(
-        f"# The consortium: shared by every party. Topics: {topic_for(consortium, '<party>')}\n"
-        + "\n".join(parts))
-    configs = [directory / "coordinator.toml"]
-    configs[0].write_text('party = "coordinator"\nconsortium = "consortium.toml"\n'
-                          'private_key = "keys/coordinator/coordinator.key"\n'
-                          'state_dir = "state/coordinator"\nlog_format = "text"\n'
-                          + party_kafka["coordinator"])
-    for name in names:
+    # one document in sections, each with its comment; `attributes` first: a key after a
+    # [table] header would belong to that table
+    (directory / "consortium.toml").write_text("\n".join([
+        _toml({"attributes": [{"name": a.name, "scale": a.scale, "min": a.format(a.min),
+                               "max": a.format(a.max)} for a in attributes]},
+              "The consortium: shared by every party. Topics: "
+              f"{topic_for(consortium, '<party>')}\n\nThe attributes summed: decimal places "
+              "(scale) and bounds"),
+        _toml({"consortium": {"id": consortium, "bootstrap": bootstrap,
+                              "coordinator": "coordinator"}}),
+        _toml({"kafka": kafka.shared}, kafka.comment),
+        _toml({"policy": {"allow_subsets": False, "min_participants": 0, "min_holders": 1,
+                          "max_query": 10_000_000, "difference_window": 10_000,
+                          "masks": str(masks), "deadline_s": 120}}, POLICY_COMMENT),
+        _toml({"parties": parties})]))
+    configs = []
+    for name in ["coordinator", *names]:
         p = directory / f"{name}.toml"
-        p.write_text(f'party = "{name}"\nconsortium = "consortium.toml"\n'
-                     f'private_key = "keys/{name}/{name}.key"\n'
-                     f'consortium_key = "keys/{name}/consortium.key"\n'
-                     f'data = "data/{name}.csv"\nstate_dir = "state/{name}"\n'
-                     'log_format = "text"\n' + party_kafka[name])
+        own: dict[str, Any] = {"party": name, "consortium": "consortium.toml",
+                               "private_key": f"keys/{name}/{name}.key"}
+        if name != "coordinator":
+            own |= {"consortium_key": f"keys/{name}/consortium.key",
+                    "data": f"data/{name}.csv"}
+        own |= {"state_dir": f"state/{name}", "log_format": "text"}
+        if kafka.parties[name]:
+            own["kafka"] = kafka.parties[name]
+        p.write_text(_toml(own))
         configs.append(p)
     return configs

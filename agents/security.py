@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -129,7 +130,7 @@ def check_private(path: Path, what: str = "a credential file") -> None:
 
 
 def write_credentials(path: Path, username: str, password: str) -> None:
-    write_private(path, f'username = "{username}"\npassword = "{password}"\n')
+    write_private(path, tomli_w.dumps({"username": username, "password": password}))
 
 
 def read_credentials(path: Path) -> tuple[str, str]:
@@ -306,18 +307,28 @@ def load_access(bootstrap: str, consortium_path: Path, *, party_path: Path | Non
     return KafkaAccess(bootstrap, user, password, cafile)
 
 
+@dataclass(frozen=True)
+class KafkaTables:
+    """The `[kafka]` table of consortium.toml (with a comment for above it) and of each
+    party's file (empty: none)."""
+
+    comment: str
+    shared: dict[str, str]
+    parties: dict[str, dict[str, str]]
+
+
 def write_consortium_security(directory: Path, consortium: str, parties: list[str], *,
                               insecure: bool = False, ca: Path | None = None
-                              ) -> tuple[str, dict[str, str]]:
+                              ) -> KafkaTables:
     """`zerosum init`'s part for Kafka: TLS material and one SCRAM credential per party.
 
     Writes `tls/ca.pem` (copied from `ca`, or a new consortium CA with `ca.key` and a broker
     certificate `broker.p12` + `broker.password` for `zerosum broker start --tls`), and
     `keys/<party>.kafka` for every party and the auditor (random passwords, mode 600).
-    Returns consortium.toml's `[kafka]` table and each party file's, as TOML text."""
+    Returns consortium.toml's `[kafka]` table and each party file's."""
     if insecure:
-        return '[kafka]\nsecurity = "PLAINTEXT"  # --insecure: no TLS, no credentials\n', {
-            p: "" for p in parties}
+        return KafkaTables("--insecure: no TLS, no credentials", {"security": "PLAINTEXT"},
+                           {p: {} for p in parties})
     tls = directory / "tls"
     if ca is not None:
         tls.mkdir(parents=True, exist_ok=True)
@@ -328,6 +339,6 @@ def write_consortium_security(directory: Path, consortium: str, parties: list[st
     for name in [*parties, AUDITOR]:
         write_credentials(directory / "keys" / f"{name}.kafka", scram_username(consortium, name),
                           new_password())
-    shared = ('[kafka]\nsecurity = "SASL_SSL"  # SCRAM-SHA-512 over TLS\nca = "tls/ca.pem"\n'
-              '# the auditor reads every inbox with keys/auditor.kafka\n')
-    return shared, {p: f'\n[kafka]\ncredentials = "keys/{p}.kafka"\n' for p in parties}
+    return KafkaTables("SCRAM-SHA-512 over TLS; the auditor reads every inbox with "
+                       "keys/auditor.kafka", {"security": "SASL_SSL", "ca": "tls/ca.pem"},
+                       {p: {"credentials": f"keys/{p}.kafka"} for p in parties})

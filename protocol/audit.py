@@ -14,7 +14,7 @@ after the deadline. With an institution's key: that institution's own view of ea
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -70,18 +70,28 @@ class Record:
 
 @dataclass(frozen=True)
 class Finding:
-    """A failed check, where it was found, and what is wrong."""
+    """A failed check, where it was found, and what is wrong; the round its envelope names
+    (None when the envelope could not be verified, so its header is not to be believed)."""
 
     location: Location | None
     check: str
     detail: str
+    round_id: bytes | None = None
 
     def __str__(self) -> str:
         return f"{self.location or '-'}: {self.check}: {self.detail}"
 
+    def as_dict(self) -> dict[str, object]:
+        return {"location": None if self.location is None else str(self.location),
+                "check": self.check, "detail": self.detail,
+                "round_id": None if self.round_id is None else self.round_id.hex()}
+
 
 @dataclass
 class _Msg:
+    """One message of a round: its envelopes (one per part) as read, with their times and
+    sizes."""
+
     sender: str
     recipient: str
     kind: MessageKind
@@ -90,6 +100,17 @@ class _Msg:
     ts: int
     location: Location
     chunks: dict[int, bytes] = field(default_factory=dict)
+    last_ts: int = 0
+    size: int = 0  # bytes of the records read, every part
+    locations: list[Location] = field(default_factory=list)  # of each part read
+    round_id: bytes = b""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"kind": self.kind.name, "sender": self.sender, "recipient": self.recipient,
+                "seq": self.seq, "parts": self.parts, "parts_read": len(self.locations),
+                "first_ms": self.ts, "last_ms": self.last_ts, "bytes": self.size,
+                "location": str(self.location),
+                "locations": [str(loc) for loc in self.locations]}
 
 
 @dataclass
@@ -111,13 +132,19 @@ class RoundReport:
     def latency_ms(self) -> int:
         return self.last_ms - self.first_ms
 
+    @property
+    def size(self) -> int:
+        """Bytes of every record of the round's messages."""
+        return sum(m.size for m in self.messages)
+
     def as_dict(self) -> dict[str, object]:
         return {"round_id": self.round_id.hex(), "requester": self.requester,
                 "participants": list(self.participants), "leader": self.leader,
                 "rows": self.rows, "outcome": self.outcome, "reason": self.reason,
                 "first_ms": self.first_ms, "last_ms": self.last_ms,
-                "latency_ms": self.latency_ms, "verified": self.verified,
-                "findings": [str(f) for f in self.findings]}
+                "latency_ms": self.latency_ms, "bytes": self.size, "verified": self.verified,
+                "findings": [f.as_dict() for f in self.findings],
+                "messages": [m.as_dict() for m in self.messages]}
 
 
 @dataclass
@@ -125,7 +152,7 @@ class _Chain:
     next_seq: int = 0
     last_digest: bytes = b""
     started: bool = False
-    pending: dict[int, tuple[bytes, bytes, Location]] = field(default_factory=dict)
+    pending: dict[int, tuple[bytes, bytes, Location, bytes]] = field(default_factory=dict)
     seen: dict[int, bytes] = field(default_factory=dict)  # recent seq -> digest (forks)
     marked: set[int] = field(default_factory=set)  # of `seen`: the copy read was a re-send
 
@@ -136,6 +163,7 @@ class Report:
     findings: list[Finding]
     envelopes: int
     duplicates: int
+    coordinator: str = ""
 
     @property
     def ok(self) -> bool:
@@ -182,26 +210,33 @@ class Auditor:
         owner = self.registry.get(h.recipient)
         if owner is None or owner.topic != rec.topic:
             self.findings.append(Finding(loc, "topic", f"envelope for {h.recipient!r} found in "
-                                                       f"topic {rec.topic}"))
+                                                       f"topic {rec.topic}", h.round_id))
         if not self._chain(h, v.digest, loc, rec.resent):
             return
         first = h.seq - h.part
         m = self._messages.get((h.sender, first))
         if m is None:
-            m = _Msg(h.sender, h.recipient, h.kind, first, h.parts, rec.timestamp_ms, loc)
+            m = _Msg(h.sender, h.recipient, h.kind, first, h.parts, rec.timestamp_ms, loc,
+                     round_id=h.round_id)
             self._messages[(h.sender, first)] = m
             r = self.rounds.get(h.round_id)
             if r is None:
                 r = self.rounds[h.round_id] = RoundReport(h.round_id, rec.timestamp_ms,
                                                           rec.timestamp_ms)
             r.messages.append(m)
-            r.first_ms = min(r.first_ms, rec.timestamp_ms)
-            r.last_ms = max(r.last_ms, rec.timestamp_ms)
+        r = self.rounds[m.round_id]
+        r.first_ms = min(r.first_ms, rec.timestamp_ms)
+        r.last_ms = max(r.last_ms, rec.timestamp_ms)
+        m.ts = min(m.ts, rec.timestamp_ms)
+        m.last_ts = max(m.last_ts, rec.timestamp_ms)
+        m.size += len(rec.value)
+        m.locations.append(loc)
         if self.key is not None and h.recipient == self.key.party_id:
             try:
                 m.chunks[h.part] = open_sealed(self.key, v)
             except ZerosumError as exc:
-                self.findings.append(Finding(loc, "decrypt", f"{type(exc).__name__}: {exc}"))
+                self.findings.append(Finding(loc, "decrypt", f"{type(exc).__name__}: {exc}",
+                                             h.round_id))
 
     def _chain(self, h: Header, digest: bytes, loc: Location, resent: bool = False) -> bool:
         """Sequence and hash-chain checks; False for an exact duplicate (already counted)."""
@@ -217,10 +252,12 @@ class Auditor:
                 self.duplicates += 1
                 if not (resent or h.seq in c.marked):
                     self.findings.append(Finding(loc, "replay", f"envelope {h.seq} of "
-                                                                f"{h.sender} sent again"))
+                                                                f"{h.sender} sent again",
+                                                 h.round_id))
                 return False
             self.findings.append(Finding(loc, "fork", f"a second, different envelope with "
-                                                      f"sequence {h.seq} from {h.sender}"))
+                                                      f"sequence {h.seq} from {h.sender}",
+                                         h.round_id))
             return False
         c.seen[h.seq] = digest
         if resent:
@@ -233,21 +270,23 @@ class Auditor:
         last = self._topic_last.get(key, -1)
         if h.seq < last:
             self.findings.append(Finding(loc, "reorder", f"sequence {h.seq} of {h.sender} after "
-                                                         f"{last} in the same topic"))
+                                                         f"{last} in the same topic", h.round_id))
         self._topic_last[key] = max(last, h.seq)
         if not c.started:  # from the start, every chain begins at 0; else where we join it
             c.started = True
             c.next_seq = 0 if self.from_start else h.seq
         if h.seq < c.next_seq:
             self.findings.append(Finding(loc, "reorder", f"sequence {h.seq} of {h.sender} "
-                                                         f"arrived after {c.next_seq - 1}"))
+                                                         f"arrived after {c.next_seq - 1}",
+                                         h.round_id))
             return True
-        c.pending[h.seq] = (digest, h.prev, loc)
+        c.pending[h.seq] = (digest, h.prev, loc, h.round_id)
         while c.next_seq in c.pending:
-            d, prev, ploc = c.pending.pop(c.next_seq)
+            d, prev, ploc, prid = c.pending.pop(c.next_seq)
             if c.last_digest and prev != c.last_digest:
                 self.findings.append(Finding(ploc, "chain", f"envelope {c.next_seq} of "
-                                             f"{h.sender} does not follow {c.next_seq - 1}"))
+                                             f"{h.sender} does not follow {c.next_seq - 1}",
+                                             prid))
             c.last_digest = d
             c.next_seq += 1
         return True
@@ -257,14 +296,16 @@ class Auditor:
         for sender, c in self._chains.items():
             if c.pending:
                 first = min(c.pending)
-                loc = c.pending[first][2]
+                _, _, loc, rid = c.pending[first]
                 self.findings.append(Finding(loc, "gap", f"sequence of {sender} jumps from "
                                              f"{c.next_seq - 1} to {first} (missing "
-                                             f"{c.next_seq}..{first - 1})"))
+                                             f"{c.next_seq}..{first - 1})", rid))
         for r in self.rounds.values():
             self._check_round(r)
+            r.findings = [f if f.round_id is not None else replace(f, round_id=r.round_id)
+                          for f in r.findings]
         rounds = sorted(self.rounds.values(), key=lambda r: r.first_ms)
-        return Report(rounds, self.findings, self.envelopes, self.duplicates)
+        return Report(rounds, self.findings, self.envelopes, self.duplicates, self.coordinator)
 
     def _check_round(self, r: RoundReport) -> None:
         coord = self.coordinator

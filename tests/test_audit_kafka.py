@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agents.audit import AuditRun, read_and_audit
+from agents.audit import AuditRun, read_and_audit, to_html
 from agents.cli import main
 from agents.config import load_consortium, load_party
 from agents.outbox import Outbox
@@ -24,6 +24,7 @@ from protocol.messages import MessageKind, Scope
 from protocol.tokens import tokenize
 from tests.kafka_util import make_consortium, party_access, produce
 from tests.test_agents_kafka import ATTRS, query_ids, running
+from tests.test_audit_report import check_page
 
 pytestmark = pytest.mark.kafka
 
@@ -79,9 +80,14 @@ async def test_200_rounds_some_aborted_pass_every_audit(kafka_bootstrap: KafkaAc
     code = await asyncio.to_thread(main, ["audit", "--config", str(d / "coordinator.toml"),
                                           "--html", str(html_out), "--json", str(json_out)])
     assert code == 0
-    assert json.loads(json_out.read_text())["ok"] is True
-    assert "<svg" in html_out.read_text()
-    assert "audit PASSED" in html_out.read_text()
+    data = json.loads(json_out.read_text())
+    assert data["ok"] is True
+    assert len(data["rounds"]) == 200
+    assert all(m["bytes"] > 0 for r in data["rounds"] for m in r["messages"])
+    page = html_out.read_text()
+    assert "<svg" in page
+    # the page of the coordinator's audit: every round with its swimlane
+    check_page((await _audit(d, kafka_bootstrap, "coordinator")).report, page)
 
 
 def _topic(d: Path, party: str) -> str:
@@ -110,6 +116,7 @@ async def _tampered(d: Path, bootstrap: KafkaAccess, topic: str, wire: bytes, ch
     where = [f for f in found if f.check == check]
     assert where, [str(f) for f in found]
     assert str(where[0].location) == f"{topic}[0]@{offset}"
+    check_page(run.report, to_html(run, "tampered"))  # every round and finding in the page
     code = await asyncio.to_thread(main, ["audit", "--config", str(d / "consortium.toml")])
     assert code == 1
 
