@@ -15,11 +15,10 @@ file means: replay from the beginning (slower, never wrong).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from agents.durable import replace_durably
 
 EVERY_S = 5.0  # seconds of work between two checkpoints, at most
 
@@ -49,5 +48,15 @@ class CheckpointFile:
         return Checkpoint(offset, guard), ""
 
     def save(self, checkpoint: Checkpoint) -> None:
-        replace_durably(self.path, json.dumps({"offset": checkpoint.offset,
-                                               "guard": checkpoint.guard}).encode())
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"offset": checkpoint.offset, "guard": checkpoint.guard}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

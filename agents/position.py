@@ -14,10 +14,9 @@ nothing but the disk the journal is on already.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
-
-from agents.durable import replace_durably
 
 _OFFSET = struct.Struct(">q")
 
@@ -47,4 +46,15 @@ class InboxPosition:
         return offset
 
     def save(self, offset: int) -> None:
-        replace_durably(self.path, _OFFSET.pack(offset))
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(_OFFSET.pack(offset))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
