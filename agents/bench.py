@@ -398,60 +398,6 @@ async def credit_check(bootstrap: KafkaAccess, *, rounds: int, institutions: int
     return out
 
 
-async def _history(d: Path, rounds: int) -> None:
-    """`rounds` 1-customer rounds, 32 in flight, among in-process agents of `d`."""
-    async with agents_in_process(party_configs(d)) as agents:
-        banks = [a for n, a in agents.items() if n != "coordinator"]
-        key = banks[0].cfg.consortium_key
-        assert key is not None
-        tokens = tokenize(_ids(1), key)
-        parts = banks[0].cfg.consortium.institutions
-        gate = asyncio.Semaphore(32)
-
-        async def one(r: int) -> None:
-            async with gate:
-                await banks[r % len(banks)].submit(
-                    os.urandom(16), tokens, participants=parts,
-                    attributes=("balance", "overdue_days"), scope=Scope.QUERY, timeout_s=120)
-
-        await asyncio.gather(*(one(r) for r in range(rounds)))
-
-
-def _drop_checkpoints(d: Path) -> None:
-    for cp in d.glob("state/*/inbox.checkpoint"):
-        cp.unlink()
-
-
-async def restart(bootstrap: KafkaAccess, *, histories: tuple[int, ...], institutions: int,
-                  say: Say) -> dict[str, Any]:
-    """Time from start to ready of every agent of a consortium after `histories` rounds, from
-    their checkpoints and, in the same run, with the checkpoints removed (a replay of the
-    whole inbox: the baseline)."""
-    out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="zerosum-bench-") as tmp:
-        d = Path(tmp)
-        await asyncio.to_thread(init_on_broker, d, bootstrap, institutions=institutions,
-                                customers=200, consortium=f"bench{os.urandom(4).hex()}")
-        done = 0
-        for total in histories:
-            t = time.perf_counter()
-            await _history(d, total - done)
-            say(f"  {total - done} more rounds in {time.perf_counter() - t:.1f} s "
-                f"({total} in the history)")
-            done = total
-            for label, drop in (("seconds", False), ("seconds_full_replay", True)):
-                if drop:
-                    await asyncio.to_thread(_drop_checkpoints, d)
-                t = time.perf_counter()
-                async with agents_in_process(party_configs(d)) as agents:
-                    seconds = time.perf_counter() - t
-                    replayed = sum(a.stats.replayed for a in agents.values())
-                out[f"{label}_after_{total // 1000}k_rounds"] = seconds
-                say(f"  restart after {total} rounds{' without checkpoints' if drop else ''}: "
-                    f"{seconds:.2f} s, {replayed} inputs replayed")
-    return out
-
-
 def _encrypt_column(args: tuple[int, list[int]]) -> tuple[list[int], float]:
     """One institution's Paillier work: encrypt its column (runs in a worker process)."""
     import phe
@@ -522,7 +468,6 @@ TARGETS = {  # (json path, comparison, target)
     "small_rounds.rounds_per_s": (">=", 100.0),
     "small_rounds.p99_ms": ("<=", 100.0),
     "credit_check.p50_ms": ("<=", 30.0),
-    "restart.seconds_after_10k_rounds": ("<=", 1.0),
     "credit_check.p99_ms": ("<=", 100.0),
     "paillier.speedup": (">=", 1000.0),
 }
@@ -592,10 +537,6 @@ async def run_all(bootstrap: KafkaAccess, scenarios: list[str], *, customers: in
         say(f"credit check: 1-customer rounds, {institutions} institutions, through the client")
         results["credit_check"] = await credit_check(bootstrap, rounds=max(small // 5, 20),
                                                      institutions=institutions, say=say)
-    if "restart" in scenarios:
-        say("restart: time to ready after 1,000 and 10,000 rounds of history")
-        results["restart"] = await restart(bootstrap, histories=(1000, 10_000),
-                                           institutions=3, say=say)
     if "paillier" in scenarios:
         say(f"Paillier against zerosum: {paillier_customers:,} customers, 5 institutions")
         results["paillier"] = await paillier(bootstrap, customers=paillier_customers,

@@ -472,12 +472,11 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                                    "each agent its own process, against the transport and "
                                    "compute floors), small (many rounds in flight), credit "
                                    "(1-customer rounds one at a time through the local API), "
-                                   "restart (time to ready after 1,000 and 10,000 rounds), "
                                    "paillier "
                                    "(the same totals with Paillier), scaling (for --plot). "
                                    "Needs the bench extra: pip install -e '.[bench]'.")
-    b.add_argument("--scenario", default="large,small,credit,restart,paillier",
-                   help="comma-separated: large, small, credit, restart, paillier, scaling "
+    b.add_argument("--scenario", default="large,small,credit,paillier",
+                   help="comma-separated: large, small, credit, paillier, scaling "
                         "(default: %(default)s)")
     b.add_argument("--customers", type=int, default=1_000_000,
                    help="customers of the large round (default: %(default)s)")
@@ -547,8 +546,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise CliError(f"{exc}; install the bench extra: pip install -e '.[bench]'") from exc
     scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
-    unknown = sorted(set(scenarios) - {"large", "small", "credit", "restart", "paillier",
-                                       "scaling"})
+    unknown = sorted(set(scenarios) - {"large", "small", "credit", "paillier", "scaling"})
     if unknown:
         raise CliError(f"--scenario: unknown {', '.join(unknown)}")
     return bench_main(scenarios=scenarios, customers=args.customers,
