@@ -41,7 +41,6 @@ from aiokafka.errors import (
 )
 
 from agents.broker import broker_config_dir, read_properties
-from agents.checkpoint import EVERY_S, Checkpoint, CheckpointFile
 from agents.config import ConfigError, ConsortiumFile, PartyConfig
 from agents.data import Snapshot
 from agents.kafka_client import prepare_topics
@@ -181,9 +180,6 @@ class Agent:
         self.outbox = Outbox(cfg.state_dir)
         self.ledger = RoundLedger(cfg.state_dir)
         self.position = InboxPosition(cfg.state_dir)
-        self.checkpoints = CheckpointFile(cfg.state_dir)
-        self._checkpoint = -1  # the offset of the last checkpoint written
-        self._checkpoint_due = 0.0  # loop time after which the next one may be written
         # ledger entries to persist before a send: (round id, inbox offset, envelope digest)
         self._opened: list[tuple[bytes, int, bytes]] = []
         self.stats = Stats()
@@ -334,14 +330,6 @@ class Agent:
         # journaled ones, already re-sent above, never sealed a second time
         committed = max(await self._saved_position(tp), self.outbox.staged_through() + 1)
         start = (await self._consumer.beginning_offsets([tp]))[tp]
-        checkpoint, why = await asyncio.to_thread(self.checkpoints.load)
-        if checkpoint is not None and start <= checkpoint.offset <= committed:
-            start = checkpoint.offset  # the rounds that ended before are in the ledger
-            self.party.restore_guard(checkpoint.guard)
-            self._checkpoint = checkpoint.offset
-        elif committed:
-            self.log.info("replaying the inbox from its first offset %d: %s", start,
-                          why or f"checkpoint {checkpoint} outside the inbox")
         self._consumer.seek(tp, start)
         if committed == 0:
             return
@@ -369,8 +357,8 @@ class Agent:
             self._pending.clear()
             self.ledger.append(self._opened)  # rounds rebuilt but never persisted (rare)
             self._opened.clear()
-            self.log.info("replayed %d inputs from offset %d up to %d; %d rounds in flight",
-                          self.stats.replayed, start, committed, len(self.party.running()))
+            self.log.info("replayed %d inputs up to offset %d; %d rounds in flight",
+                          self.stats.replayed, committed, len(self.party.running()))
 
     async def _saved_position(self, tp: TopicPartition) -> int:
         """The saved position; for a state directory of an earlier version that kept it only
@@ -463,24 +451,8 @@ class Agent:
                         self.log.warning("failpoint: exiting before the commit")
                         os._exit(137)
                 await asyncio.to_thread(self.position.save, records[-1].offset + 1)
-                await self._save_checkpoint(records[-1].offset + 1)
             async with self._progress:
                 self._progress.notify_all()
-        await self._save_checkpoint(next_offset, now=True)  # stopped after a whole batch
-
-    async def _save_checkpoint(self, next_offset: int, *, now: bool = False) -> None:
-        """After the position: where a restart may start replaying (at most every EVERY_S
-        seconds, or `now`)."""
-        loop = asyncio.get_running_loop()
-        if not now and loop.time() < self._checkpoint_due:
-            return
-        offset = self.party.checkpoint(next_offset)
-        if offset is None or offset <= self._checkpoint:
-            return
-        cp = Checkpoint(offset, self.party.guard_before(offset))
-        await asyncio.to_thread(self.checkpoints.save, cp)
-        self._checkpoint = offset
-        self._checkpoint_due = loop.time() + EVERY_S
 
     async def _stuck(self, tp: TopicPartition, next_offset: int) -> bool:
         """After STUCK_AFTER_S without input: does the inbox hold more than the consumer

@@ -126,9 +126,6 @@ class _Party:
         self.keyring = Keyring(me, registry)
         self.rounds: OrderedDict[bytes, RoundMachine] = OrderedDict()
         self.ledger: dict[bytes, tuple[int, bytes]] = {}  # id -> (position, envelope digest)
-        # a round's first input here: where its opening message, or an earlier one it took
-        # in (an institution's early leader share), was read
-        self.first_input: dict[bytes, int] = {}
         self.sealing = True  # False while an agent replays inputs whose outputs were sent
         self._position = NO_POSITION
         self._envelope = b""
@@ -143,8 +140,6 @@ class _Party:
         self._position = position
         self._envelope = b""
         self._opened = []
-        for guard in self._guards():
-            guard.position = position
         try:
             try:
                 delivery = self.inbox.receive(wire)
@@ -172,7 +167,6 @@ class _Party:
         if known is None:
             self.ledger[round_id] = mark
             self._opened.append(RoundOpened(round_id, *mark))
-        self.first_input[round_id] = self._position
         self._remember(round_id, machine)
         return machine
 
@@ -197,37 +191,7 @@ class _Party:
     def _remember(self, round_id: bytes, machine: RoundMachine) -> None:
         self.rounds[round_id] = machine
         while len(self.rounds) > MAX_ROUNDS_KEPT:
-            gone, _ = self.rounds.popitem(last=False)
-            self.first_input.pop(gone, None)
-
-    def _guards(self) -> list[DifferencingGuard]:
-        return []
-
-    def _pending_since(self) -> int | None:
-        """The position of the oldest input held outside any round (early messages), or
-        None; a party holding an input whose position it does not know says 0."""
-        return None
-
-    def checkpoint(self, next_position: int) -> int | None:
-        """Where a replay of the inbox may start and still rebuild this party: the first input
-        of the oldest round not ended, or `next_position` when none runs. None while a
-        chunked message is half read (its parts' positions are not kept)."""
-        if self.inbox.unfinished():
-            return None
-        starts = [self.first_input.get(rid, NO_POSITION) for rid in self.running()]
-        if (early := self._pending_since()) is not None:
-            starts.append(early)
-        if any(s < 0 for s in starts):
-            return None
-        return min([*starts, next_position])
-
-    def guard_before(self, position: int) -> list[tuple[int, list[str]]]:
-        """Every guard's sets recorded before `position` (for a checkpoint)."""
-        return [e for g in self._guards() for e in g.before(position)]
-
-    def restore_guard(self, entries: list[tuple[int, list[str]]]) -> None:
-        for g in self._guards():
-            g.restore(entries)
+            self.rounds.popitem(last=False)
 
     # -- out -------------------------------------------------------------------------------
     def _finish(self, outputs: list[Output]) -> list[Event]:
@@ -276,9 +240,6 @@ class CoordinatorParty(_Party):
         self.policy = policy
         self.guard = DifferencingGuard(policy.difference_window)
 
-    def _guards(self) -> list[DifferencingGuard]:
-        return [self.guard]
-
     def _route(self, sender: str, msg: Message) -> list[Output]:
         m = self.rounds.get(msg.round_id)
         if isinstance(msg, RoundRequest):
@@ -312,15 +273,7 @@ class InstitutionParty(_Party):
         self.grace_ms = grace_ms
         self.guard = DifferencingGuard(policy.difference_window)
         self._table = table
-        # per sender: (round id, message, inbox position) of messages for rounds not open yet
-        self._early: dict[str, deque[tuple[bytes, Message, int]]] = {}
-
-    def _guards(self) -> list[DifferencingGuard]:
-        return [self.guard]
-
-    def _pending_since(self) -> int | None:
-        held = [pos for queue in self._early.values() for _, _, pos in queue]
-        return min(held) if held else None
+        self._early: dict[str, deque[tuple[bytes, Message]]] = {}
 
     @property
     def table(self) -> LocalTable:
@@ -352,10 +305,10 @@ class InstitutionParty(_Party):
                 raise UnknownRound(f"{type(msg).__name__} for round {msg.round_id.hex()}, "
                                    "which is not open here", sender=sender)
             early = self._early.setdefault(sender, deque())
-            early.append((msg.round_id, msg, self._position))
-            held = sum(int(m.tokens.nbytes) for _, m, _ in early if isinstance(m, LeaderShare))
+            early.append((msg.round_id, msg))
+            held = sum(int(m.tokens.nbytes) for _, m in early if isinstance(m, LeaderShare))
             if len(early) > MAX_EARLY_PER_SENDER or held > MAX_EARLY_BYTES_PER_SENDER:
-                rid, _, _ = early.popleft()
+                rid, _ = early.popleft()
                 raise QuotaExceeded(f"{sender} has more early messages than its quota "
                                     f"({MAX_EARLY_PER_SENDER}, {MAX_EARLY_BYTES_PER_SENDER} "
                                     f"bytes); dropped one for {rid.hex()}", sender=sender)
@@ -365,7 +318,6 @@ class InstitutionParty(_Party):
         for peer, queue in self._early.items():
             for item in [it for it in queue if it[0] == msg.round_id]:
                 queue.remove(item)
-                self.first_input[msg.round_id] = min(self.first_input[msg.round_id], item[2])
                 try:
                     out += m.handle(peer, item[1])
                 except ZerosumError:

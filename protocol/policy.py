@@ -104,9 +104,6 @@ class DifferencingGuard:
     def __init__(self, window: int) -> None:
         self.window = window
         self._sets: deque[frozenset[str]] = deque(maxlen=max(window, 1))
-        # the inbox position at which each set was recorded, for a checkpoint as of a position
-        self._at: deque[int] = deque(maxlen=max(window, 1))
-        self.position = -1  # set by the party to the position of the input in hand
 
     @staticmethod
     def _spanned(sets: list[frozenset[str]], names: list[str]) -> set[str]:
@@ -137,19 +134,3 @@ class DifferencingGuard:
     def record(self, participants: tuple[str, ...]) -> None:
         if self.window:
             self._sets.append(frozenset(participants))
-            self._at.append(self.position)
-
-    def before(self, position: int) -> list[tuple[int, list[str]]]:
-        """The sets recorded by inputs before inbox `position`, oldest first, with their
-        positions: what a replay from `position` must start from (it records the rest)."""
-        return [(at, sorted(s)) for at, s in zip(self._at, self._sets, strict=True)
-                if at < position]
-
-    def restore(self, entries: list[tuple[int, list[str]]]) -> None:
-        """Start from `before(...)`'s entries (a checkpoint), replacing what is held."""
-        self._sets.clear()
-        self._at.clear()
-        if self.window:
-            for at, names in entries:
-                self._sets.append(frozenset(names))
-                self._at.append(at)
