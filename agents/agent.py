@@ -43,6 +43,7 @@ from aiokafka.errors import (
 from agents.broker import broker_config_dir, read_properties
 from agents.config import ConfigError, ConsortiumFile, PartyConfig
 from agents.data import Snapshot
+from agents.health import KafkaWatch
 from agents.kafka_client import prepare_topics
 from agents.ledger import RoundLedger
 from agents.metrics import AgentMetrics
@@ -206,7 +207,9 @@ class Agent:
                                     "institution", _version(), clock)
         self._data_seen = (0, 0)  # the snapshot's (loads, errors) the metrics have counted
         self.lag: int | None = None  # inbox records beyond what is handled, at the last fetch
-        self.kafka_error: str | None = None  # the last fetch or produce failure, until one works
+        # the last fetch, probe or produce failure, until records come in or a probe works
+        self.kafka_error: str | None = None
+        self.kafka_watch: KafkaWatch | None = None  # set by who runs it: brokers answering?
         policy = c.round_policy()
         if cfg.is_coordinator:
             self.party = CoordinatorParty(cfg.keys, c.registry, c.id, policy, chain=chain)
@@ -424,10 +427,10 @@ class Agent:
                     return
                 continue
             delay = 0.2
-            self.kafka_error = None
             records = batch.get(tp, [])
-            if not records:
+            if not records:  # aiokafka's fetcher hides a broker away: an empty batch
                 continue
+            self.kafka_error = None
             idle_since = loop.time()
             next_offset = records[-1].offset + 1
             self.metrics.received.inc(len(records))
@@ -465,7 +468,11 @@ class Agent:
                 end = (await self._consumer.end_offsets([tp]))[tp]
         except (TimeoutError, KafkaError) as exc:
             self.log.warning("the inbox's end offset is unknown (%s)", type(exc).__name__)
+            self.kafka_error = f"the inbox's end offset is unknown ({type(exc).__name__})"
             return True
+        self.kafka_error = None
+        self.lag = max(end - next_offset, 0)
+        self.metrics.lag.set(self.lag)
         return bool(end > next_offset)
 
     async def _replace_consumer(self, tp: TopicPartition, next_offset: int) -> None:
@@ -629,10 +636,12 @@ class Agent:
                 name = type(e.error).__name__
                 if name == "DuplicateEnvelope":
                     self.stats.duplicates += 1
-                    self.metrics.duplicates.inc()
+                    if not self._replaying:
+                        self.metrics.duplicates.inc()
                     continue
                 self.stats.rejected += 1
-                self.metrics.rejected.labels(name).inc()
+                if not self._replaying:
+                    self.metrics.rejected.labels(name).inc()
                 self.stats.rejected_by_reason[name] = self.stats.rejected_by_reason.get(name,
                                                                                         0) + 1
                 if not self._replaying:

@@ -308,12 +308,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Exit 0: the agent answers and is ready; 1: it answers but is not ready; 3: no agent
-    answers on the socket (not running, or not yet recovered)."""
+    """Exit 0: the agent answers, ready, with Kafka reachable; 1: it answers, but Kafka is
+    away (or its answer is not one); 3: nothing answers on the socket (not running, or still
+    recovering: the API opens once the agent is ready)."""
     import asyncio
     import json
 
-    from zerosum import ApiError, Client
+    from zerosum import ApiError, Client, ConnectionLost
 
     cfg = _party(args.config)
     if cfg.is_coordinator:
@@ -326,13 +327,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         status = asyncio.run(ask())
-    except (OSError, ApiError, TimeoutError) as exc:
-        print(json.dumps({"party": cfg.party, "running": False, "socket": str(cfg.api_socket),
+    except ApiError as exc:
+        if isinstance(exc, ConnectionLost):  # it went away: nothing answers
+            return _no_agent(cfg, exc)
+        print(json.dumps({"party": cfg.party, "running": True, "socket": str(cfg.api_socket),
                           "error": f"{type(exc).__name__}: {exc}"}, indent=2))
-        return 3
+        return 1
+    except (OSError, TimeoutError) as exc:
+        return _no_agent(cfg, exc)
     agent = status.get("agent", {})
     print(json.dumps({"party": cfg.party, "running": True, **status}, indent=2))
     return 0 if agent.get("ready") and agent.get("kafka_available", True) else 1
+
+
+def _no_agent(cfg: PartyConfig, exc: BaseException) -> int:
+    import json
+
+    print(json.dumps({"party": cfg.party, "running": False, "socket": str(cfg.api_socket),
+                      "error": f"{type(exc).__name__}: {exc}"}, indent=2))
+    return 3
 
 
 def cmd_round(args: argparse.Namespace) -> int:

@@ -156,6 +156,7 @@ async def run_agent(cfg: PartyConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
     watch = KafkaWatch(cfg.kafka.bootstrap)  # says when Kafka cannot be reached, and when over
+    agent.kafka_watch = watch
     watcher = asyncio.create_task(watch.run())
     try:
         await serve_party(agent)

@@ -147,7 +147,9 @@ class AgentService:
         snap = a.snapshot
         loaded = a.metrics.snapshot_loaded_at
         return {"party": self.me, "version": a.metrics.version, "ready": a.ready.is_set(),
-                "kafka_available": a.kafka_error is None, "kafka_error": a.kafka_error,
+                "kafka_available": a.kafka_error is None and (
+                    a.kafka_watch is None or a.kafka_watch.available),
+                "kafka_error": a.kafka_error,
                 "inbox_lag": a.lag, "rounds_in_flight": len(a.party.running()),
                 "data": {"rows": None if snap is None or snap.table is None else
                          len(snap.table), "loaded_at": loaded, "load_errors":
