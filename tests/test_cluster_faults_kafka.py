@@ -225,6 +225,11 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
     submitted: list[str] = []
     finished = False
     procs = {n: await AgentProcess.start(n, d / f"{n}.toml", admin) for n in NAMES}
+
+    def keep_logs() -> None:  # every agent's whole log, pass or fail
+        for p in procs.values():
+            (tmp_path / f"{p.name}.log").write_text("\n".join(line for _, line in p.lines))
+
     try:
         await api.connect()
         for outage in range(QUORUM_LOSSES):
@@ -263,19 +268,23 @@ async def test_two_of_three_nodes_down_the_agents_wait_then_resume(
         await _results(procs, api, after, 120)
         submitted += after
         finished = True
-    except BaseException:  # what each agent said last, to tell why; all of it in a file
+    except BaseException:  # what each agent said last, to tell why
         for p in procs.values():
-            log = tmp_path / f"{p.name}.log"
-            log.write_text("\n".join(line for _, line in p.lines))
             tail = "\n".join(line for _, line in p.lines[-20:])
-            print(f"\n--- {p.name} (exit {p.proc.returncode}), last lines (all in {log}):\n"
-                  f"{tail}")
+            print(f"\n--- {p.name} (exit {p.proc.returncode}), last lines (all in "
+                  f"{tmp_path / p.name}.log):\n{tail}")
         raise
     finally:  # the nodes first: an agent finishes the batch in hand before it stops
+        keep_logs()  # before anything here can fail
         await api.close()
         await all_nodes_up(kafka_cluster, list(topics.values()))
         for p in procs.values():
             await p.stop(signal.SIGTERM if finished else signal.SIGKILL)  # stuck on a fault
+        keep_logs()
+    # how often the agents had to bootstrap a client again (the outages' hard part)
+    for what in ("consumer replaced", "producer replaced"):
+        print(f"{what}: " + ", ".join(
+            f"{n} {sum(what in line for _, line in p.lines)}" for n, p in procs.items()))
     published = aborted = 0
     outcomes: dict[str, str] = {}
     for rid in submitted:
