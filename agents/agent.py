@@ -630,7 +630,7 @@ class Agent:
                 if not self._replaying:
                     self.metrics.round_opened(e.round_id)
             elif isinstance(e, SetTimer):
-                self.timers[e.round_id] = e.at_ms
+                self.timers[e.round_id] = self._bounded(e)
                 self._timers_changed.set()
             elif isinstance(e, Rejected):
                 name = type(e.error).__name__
@@ -669,6 +669,19 @@ class Agent:
                     self.log.info("round %s result: %d rows (%d withheld)", e.round_id.hex(),
                                   e.tokens.size, e.withheld)
                     self._ends.append(self._round_end(e))
+
+    def _bounded(self, timer: SetTimer) -> int:
+        """The timer's time, at most `[policy] max_deadline_s` from now: a request (a hostile
+        member's) cannot keep a round open at every party for ever with a far deadline."""
+        limit = int((self.clock() + self.cfg.consortium.policy.max_deadline_s) * 1000)
+        if timer.at_ms <= limit:
+            return timer.at_ms
+        if not self._replaying:
+            self.log.warning("round %s asks for a deadline %.0f s away; it ends within "
+                             "max_deadline_s (%.0f s)", timer.round_id.hex(),
+                             timer.at_ms / 1000 - self.clock(),
+                             self.cfg.consortium.policy.max_deadline_s)
+        return limit
 
     def _round_end(self, result: Outcome | Ended) -> RoundEnd:
         m = self.party.rounds.get(result.round_id)

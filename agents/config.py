@@ -93,6 +93,8 @@ class Policy:
     difference_window: int = DEFAULT_DIFFERENCE_WINDOW
     masks: str = "dealt"
     max_in_flight: int = 32  # rounds one institution's API runs at once; the rest queue
+    # the longest a round may run at a party, whatever deadline its request asked for
+    max_deadline_s: float = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
     "difference_window": (int, DEFAULT_DIFFERENCE_WINDOW, 0),
     "masks": (str, "dealt", None),
     "max_in_flight": (int, 32, 1),
+    "max_deadline_s": (float, 86_400.0, 1),
 }
 
 
@@ -148,6 +151,8 @@ def _policy(pol: Any, where: str) -> Policy:
     if values["masks"] not in {m.value for m in MaskMode}:
         raise ConfigError(f"{where}: field 'masks' must be one of "
                           f"{', '.join(repr(m.value) for m in MaskMode)}")
+    if values["max_deadline_s"] < values["deadline_s"]:
+        raise ConfigError(f"{where}: field 'max_deadline_s' must be at least 'deadline_s'")
     if values["max_query"] > MAX_QUERY:
         raise ConfigError(f"{where}: field 'max_query' must be at most {MAX_QUERY}")
     return Policy(**values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from pathlib import Path
 
 import msgpack
@@ -201,3 +202,27 @@ async def test_signed_hostile_bodies_on_kafka_stop_no_agent(kafka_bootstrap: Kaf
         out = await b1.submit(os.urandom(16), tokenize(ids, key), participants=c.institutions,
                               attributes=ATTRS, scope=Scope.INTERSECTION, timeout_s=60)
         check(out, ids, d)
+
+
+async def test_a_request_with_a_far_deadline_cannot_hold_a_round_open(
+        kafka_bootstrap: KafkaAccess, tmp_path: Path) -> None:
+    """A member asks for a round with a deadline 285,000 years away and one participant
+    never answers: every party ends it within the consortium's max_deadline_s, typed."""
+    d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=40)
+    path = d / "consortium.toml"
+    text = re.sub(r"(?m)^deadline_s\s*=.*$", "deadline_s = 2", path.read_text())
+    path.write_text(text.replace("[policy]\n", "[policy]\nmax_deadline_s = 3\n", 1))
+    ids = query_ids(d, 5)
+    async with running(d, skip=("bank-2",)) as agents:  # bank-2 never contributes
+        bank = agents["bank-1"]
+        key = bank.cfg.consortium_key
+        assert key is not None
+        coordinator = agents["coordinator"]
+        async with asyncio.timeout(60):  # without the bound: the round's end never comes
+            out = await bank.submit(os.urandom(16), tokenize(ids, key),
+                                    participants=bank.cfg.consortium.institutions,
+                                    attributes=ATTRS, deadline_ms=2**53 - 1)
+            await coordinator.wait_until(lambda: coordinator.stats.aborted == 1, 30)
+    assert isinstance(out, Ended)
+    assert out.reason is AbortReason.TIMEOUT
+    assert coordinator.stats.published == 0
