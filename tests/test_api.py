@@ -264,6 +264,26 @@ async def test_every_round_reaches_the_subscribers_with_this_institutions_role(
         assert (asked.round_id, asked.role) == (mine.round_id, Role.REQUESTER)
 
 
+async def test_deliveries_kept_for_a_subscriber_are_bounded_in_bytes(tmp_path: Path) -> None:
+    from agents.api.codec import delivery_json
+
+    h = holdings()
+    service = FakeRoundService(policy(), h, me="bank-2")
+    request = RoundRequest(tuple(CUSTOMERS[:10]), Scope.QUERY, ("debt",), 1, BANKS)
+    size = len(delivery_json(service.contribute(b"\0" * 16, request, Role.CONTRIBUTOR)))
+    async with serving(service, tmp_path, retained_bytes=int(size * 2.5)) as server:
+        for k in range(1, 6):  # nobody subscribes: the server keeps the last two
+            service.contribute(bytes([k]) * 16, request, Role.CONTRIBUTOR)
+        async with asyncio.timeout(WAIT_S):
+            await service.handled()
+        assert server.status()["retained"] == 2
+        assert server.status()["dropped"] == 3  # of the five that came in while serving
+        async with Client(tmp_path / "api.sock") as c, asyncio.timeout(WAIT_S):
+            events = aiter(c.results())
+            got = [await anext(events), await anext(events)]
+    assert [d.round_id for d in got] == ["04" * 16, "05" * 16]
+
+
 async def test_bad_frames_get_typed_errors_and_the_connection_survives(tmp_path: Path) -> None:
     service = FakeRoundService(policy(), holdings())
     async with serving(service, tmp_path, max_frame_bytes=4096) as server:

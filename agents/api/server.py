@@ -62,6 +62,7 @@ class ApiSettings:
     max_pending: int = 4096  # per connection: accepted rounds not yet answered
     subscriber_queue: int = 1024  # deliveries waiting for one subscriber
     retained: int = 1024  # deliveries kept while nobody subscribes
+    retained_bytes: int = 256 * 1024 * 1024  # and their JSON, at most (a 1M-row round: ~70 MB)
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     tcp_port: int | None = None  # 127.0.0.1 only, and only with a token (0: any free port)
     token: str | None = field(default=None, repr=False)
@@ -130,8 +131,10 @@ class ApiServer:
         self.tcp_address: tuple[str, int] | None = None
         self._stop = asyncio.Event()
         self._subscribers: set[_Subscriber] = set()
-        self._retained: deque[tuple[Delivery, bytes]] = deque(maxlen=max(settings.retained,
-                                                                          0))
+        self._retained: deque[tuple[Delivery, bytes]] = deque()
+        self._retained_bytes = 0
+        self.dropped = 0  # retained deliveries dropped past the bounds (a round asked here
+        # stays in the agent's results record until a client has it)
         # a delivery as JSON, made once for its requester and every subscriber
         self._bodies: weakref.WeakKeyDictionary[Delivery, bytes] = weakref.WeakKeyDictionary()
         self._connections: set[_Connection] = set()
@@ -252,7 +255,8 @@ class ApiServer:
                 "peak_in_flight": self.peak_in_flight,
                 "max_in_flight": self.scheduler.max_in_flight,
                 "connections": len(self._connections), "subscribers": len(self._subscribers),
-                "retained": len(self._retained), "lagged": self.lagged,
+                "retained": len(self._retained), "retained_bytes": self._retained_bytes,
+                "dropped": self.dropped, "lagged": self.lagged,
                 "errors": dict(self.errors)}
 
     # -- connections -------------------------------------------------------------------------
@@ -409,6 +413,7 @@ class ApiServer:
             self.log.warning("%d retained deliveries dropped: more than a subscriber's queue",
                              len(self._retained) - len(retained))
         self._retained.clear()
+        self._retained_bytes = 0
         for d in retained:
             sub.queue.put_nowait(d)
         conn.subscription = sub
@@ -454,10 +459,21 @@ class ApiServer:
                 continue
             self._fan_out(delivery, body)
 
+    def _retain(self, delivery: Delivery, body: bytes) -> None:
+        """Keep it for the next subscriber, within `retained` deliveries and
+        `retained_bytes`: the oldest go first."""
+        self._retained.append((delivery, body))
+        self._retained_bytes += len(body)
+        while self._retained and (len(self._retained) > self.settings.retained
+                                  or self._retained_bytes > self.settings.retained_bytes):
+            _, old = self._retained.popleft()
+            self._retained_bytes -= len(old)
+            self.dropped += 1
+
     def _fan_out(self, delivery: Delivery, body: bytes) -> None:
         """To every subscriber's queue, without waiting: a full queue ends its subscription."""
         if not self._subscribers:
-            self._retained.append((delivery, body))
+            self._retain(delivery, body)
             return
         for sub in list(self._subscribers):
             try:
