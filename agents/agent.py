@@ -52,7 +52,7 @@ from agents.position import InboxPosition
 from agents.security import KafkaAccess, as_access
 from protocol.audit import RESEND_HEADER
 from protocol.envelope import Header, digest
-from protocol.errors import AbortReason, HandlingFailed
+from protocol.errors import AbortReason, DuplicateEnvelope, HandlingFailed
 from protocol.machine import Ended, Outcome, Published, SetTimer
 from protocol.messages import MaskAssignment, Scope
 from protocol.party import (
@@ -633,12 +633,12 @@ class Agent:
                 self.timers[e.round_id] = e.at_ms
                 self._timers_changed.set()
             elif isinstance(e, Rejected):
-                name = type(e.error).__name__
-                if name == "DuplicateEnvelope":
+                if isinstance(e.error, DuplicateEnvelope):
                     self.stats.duplicates += 1
                     if not self._replaying:
                         self.metrics.duplicates.inc()
                     continue
+                name = type(e.error).__name__
                 self.stats.rejected += 1
                 if not self._replaying:
                     self.metrics.rejected.labels(name).inc()
