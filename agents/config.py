@@ -27,6 +27,8 @@ from protocol.policy import DEFAULT_DIFFERENCE_WINDOW, DEFAULT_MAX_QUERY, Consor
 from protocol.tokens import CONSORTIUM_KEY_BYTES
 
 KEM_NAMES = {"x25519": KemKind.X25519, "mlkem768-x25519": KemKind.MLKEM768_X25519}
+"""The `kem` names of the config files and of `zerosum init --kem`."""
+KEM_NAME_OF = {kind: name for name, kind in KEM_NAMES.items()}
 
 
 class ConfigError(Exception):
