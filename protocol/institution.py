@@ -62,7 +62,7 @@ from protocol.ring import (
 )
 from protocol.tokens import LocalTable, Tokens
 
-DEFAULT_GRACE_MS = 5_000
+DEFAULT_GRACE_MS = 5_000  # ms past a round's deadline an institution still waits for its end
 
 
 class InstitutionState(Enum):

@@ -33,7 +33,7 @@ from protocol.errors import (
     UnknownRound,
     ZerosumError,
 )
-from protocol.institution import InstitutionContext, InstitutionRound
+from protocol.institution import DEFAULT_GRACE_MS, InstitutionContext, InstitutionRound
 from protocol.machine import Deadline, Output, RoundMachine, Send
 from protocol.messages import (
     LeaderShare,
@@ -264,7 +264,7 @@ class InstitutionParty(_Party):
 
     def __init__(self, me: PrivateParty, registry: dict[str, PublicParty], consortium: str,
                  *, coordinator: str, table: LocalTable, policy: ConsortiumPolicy,
-                 chain: Chain | None = None, grace_ms: int = 5_000,
+                 chain: Chain | None = None, grace_ms: int = DEFAULT_GRACE_MS,
                  max_body_bytes: int = DEFAULT_MAX_BYTES) -> None:
         super().__init__(me, registry, consortium, chain=chain, max_body_bytes=max_body_bytes)
         self.coordinator = coordinator
