@@ -20,6 +20,7 @@ from agents.broker import (
     default_data_dir,
 )
 from agents.config import KEM_NAMES, ConfigError, PartyConfig, load_party
+from agents.kafka_client import quiet_aiokafka
 from agents.security import KafkaAccess
 
 if TYPE_CHECKING:
@@ -591,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # the Kafka client's own chatter only with --verbose
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        quiet_aiokafka()
     func: Handler = args.func
     try:
         return func(args)

@@ -1,4 +1,5 @@
-"""What an agent does about topics before it runs, plaintext or secured.
+"""What an agent does about topics before it runs, plaintext or secured; and how loud the
+Kafka client's own log is.
 
 On a plaintext broker (`--insecure`) an agent creates the inbox topics it lacks, as before. On a
 secured one it may not (no CREATE): the admin step (`zerosum broker acl`) created them, and the
@@ -7,7 +8,31 @@ agent only checks that they are there and that it may see them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 from agents.security import KafkaAccess
+
+AIOKAFKA_LOG = logging.getLogger("aiokafka")
+
+
+def quiet_aiokafka(level: int = logging.WARNING) -> None:
+    """Let aiokafka log only from `level` up: its retries and reconnects are its own business,
+    and a fresh broker makes it log errors it then recovers from."""
+    AIOKAFKA_LOG.setLevel(level)
+
+
+@contextlib.contextmanager
+def aiokafka_silenced() -> Iterator[None]:
+    """aiokafka logs nothing below CRITICAL inside the block (a probe that may fail); its level
+    is restored after."""
+    level = AIOKAFKA_LOG.level
+    AIOKAFKA_LOG.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        AIOKAFKA_LOG.setLevel(level)
 
 
 class TopicsMissing(Exception):
