@@ -181,13 +181,18 @@ def write_ca(directory: Path, common_name: str = "zerosum consortium CA") -> Pat
     return directory / "ca.pem"
 
 
-def write_broker_keystore(directory: Path, hosts: tuple[str, ...] = BROKER_HOSTS) -> str:
-    """Sign a broker certificate with `directory/ca.key`; write `broker.p12` (PKCS#12, mode
-    600) and `broker.pem`; return the keystore password (random, for server.properties)."""
+def _load_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA's key and certificate: `ca.key` and `ca.pem` in `directory`."""
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise SecurityError(f"{directory / 'ca.key'}: not the EC key `zerosum init` writes")
-    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    return ca_key, x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+
+
+def write_broker_keystore(directory: Path, hosts: tuple[str, ...] = BROKER_HOSTS) -> str:
+    """Sign a broker certificate with `directory/ca.key`; write `broker.p12` (PKCS#12, mode
+    600) and `broker.pem`; return the keystore password (random, for server.properties)."""
+    ca_key, ca = _load_ca(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
     for h in hosts:
@@ -221,10 +226,7 @@ def write_client_certificate(ca_dir: Path, principal: str, cert_out: Path,
     `<consortium>.<party>`), signed by the CA in `ca_dir` (the broker's, or the consortium's
     from `zerosum init`). The broker maps that CN to `User:<principal>`, so the same ACLs
     apply whether a party logs in with SCRAM or with its certificate."""
-    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise SecurityError(f"{ca_dir / 'ca.key'}: not the EC key `zerosum init` writes")
-    ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    ca_key, ca = _load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
