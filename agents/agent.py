@@ -44,7 +44,7 @@ from agents.broker import broker_config_dir, read_properties
 from agents.config import ConfigError, ConsortiumFile, PartyConfig
 from agents.data import Snapshot
 from agents.health import KafkaWatch
-from agents.kafka_client import prepare_topics
+from agents.kafka_client import prepare_topics, seek_to_read
 from agents.ledger import RoundLedger
 from agents.metrics import AgentMetrics
 from agents.outbox import Outbox
@@ -139,12 +139,7 @@ async def read_to_end(bootstrap: str | KafkaAccess, topics: list[str], *,
     await consumer.start()
     try:
         tps = [TopicPartition(t, 0) for t in topics]
-        consumer.assign(tps)
-        # explicit offsets: a pending seek_to_beginning is lost to the reset policy
-        starts = await consumer.beginning_offsets(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, starts[tp] if last is None else max(ends[tp] - last, starts[tp]))
+        ends = await seek_to_read(consumer, tps, last=last)
         while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
             batch = await consumer.getmany(timeout_ms=10_000)
             if not batch:
