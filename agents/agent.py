@@ -75,6 +75,8 @@ Clock = Callable[[], float]  # seconds since the epoch
 CLIENT_STOP_S = 10.0  # how long a stopping agent lets its Kafka clients close before it leaves
 STUCK_AFTER_S = 10.0  # a consumer idle this long while its inbox has more is rebuilt
 PROBE_S = 5.0  # how long a look at the inbox's end offset may take
+BACKOFF_FIRST_S = 0.2  # the first wait before a failed fetch or produce is tried again
+BACKOFF_MAX_S = 5.0  # each further wait doubles, up to this
 PRODUCE_TIMEOUT_MS = 20_000  # a send not acknowledged by then is sent again
 LEGACY_GROUP_S = 30.0  # how long a first start under this version asks for the group's offset
 
@@ -308,7 +310,7 @@ class Agent:
                 await self._stop.wait()
         if self._stop.is_set():
             raise Stopping
-        return min(delay * 2, 5.0)
+        return min(delay * 2, BACKOFF_MAX_S)
 
     async def _recover(self) -> None:
         """Re-produce journaled envelopes, then rebuild state from the inbox up to the commit."""
@@ -402,7 +404,7 @@ class Agent:
         assert self._consumer is not None
         tp = TopicPartition(self.cfg.topic, 0)
         loop = asyncio.get_running_loop()
-        delay = 0.2
+        delay = BACKOFF_FIRST_S
         next_offset = await self._consumer.position(tp)
         idle_since = loop.time()
         while not self._stop.is_set():
@@ -421,7 +423,7 @@ class Agent:
                 except Stopping:
                     return
                 continue
-            delay = 0.2
+            delay = BACKOFF_FIRST_S
             records = batch.get(tp, [])
             if not records:  # aiokafka's fetcher hides a broker away: an empty batch
                 continue
@@ -715,7 +717,7 @@ class Agent:
         that partition then fails with OutOfOrderSequenceNumber. The producer is replaced
         then, with a new producer id; a copy that did land is an exact duplicate, which
         receivers drop."""
-        delay = 0.2
+        delay = BACKOFF_FIRST_S
         attempts = 0
         while items:
             attempts += 1
