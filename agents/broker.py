@@ -246,6 +246,16 @@ class StartResult:
     secure: bool = True
 
 
+def admin_access(bootstrap: str, credentials: Path, cafile: Path) -> KafkaAccess:
+    """The admin super-user (its SCRAM credential in `credentials`) at `bootstrap`, over TLS
+    trusting `cafile`; BrokerError if the credential cannot be read."""
+    try:
+        user, password = read_credentials(credentials)
+    except SecurityError as exc:
+        raise BrokerError(str(exc)) from exc
+    return KafkaAccess(bootstrap, user, password, cafile)
+
+
 @contextlib.contextmanager
 def data_dir_lock(data_dir: Path) -> Iterator[None]:
     """One zerosum command at a time in a broker's (or a cluster's) data dir."""
@@ -343,11 +353,7 @@ class LocalBroker:
         bootstrap = f"127.0.0.1:{info.port if info is not None else self.port}"
         if not secure:
             return KafkaAccess(bootstrap)
-        try:
-            user, password = read_credentials(self.admin_credentials)
-        except SecurityError as exc:
-            raise BrokerError(str(exc)) from exc
-        return KafkaAccess(bootstrap, user, password, self.cafile)
+        return admin_access(bootstrap, self.admin_credentials, self.cafile)
 
     @property
     def secrets_path(self) -> Path:
