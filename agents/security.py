@@ -189,6 +189,19 @@ def _load_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certific
     return ca_key, x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
 
 
+def _leaf(subject: x509.Name, key: ec.EllipticCurvePrivateKey,
+          ca: x509.Certificate) -> x509.CertificateBuilder:
+    """A certificate for `key`, not a CA, issued by `ca`, valid from five minutes ago (clock
+    skew) for CERT_DAYS days; the caller adds its usages and signs."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+
+
 def write_broker_keystore(directory: Path, hosts: tuple[str, ...] = BROKER_HOSTS) -> str:
     """Sign a broker certificate with `directory/ca.key`; write `broker.p12` (PKCS#12, mode
     600) and `broker.pem`; return the keystore password (random, for server.properties)."""
@@ -200,13 +213,7 @@ def write_broker_keystore(directory: Path, hosts: tuple[str, ...] = BROKER_HOSTS
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(_name("zerosum broker")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    cert = (_leaf(_name("zerosum broker"), key, ca)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -228,13 +235,7 @@ def write_client_certificate(ca_dir: Path, principal: str, cert_out: Path,
     apply whether a party logs in with SCRAM or with its certificate."""
     ca_key, ca = _load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(_name(principal)).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    cert = (_leaf(_name(principal), key, ca)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
