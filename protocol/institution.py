@@ -278,21 +278,19 @@ class InstitutionRound(RoundMachine):
         return self.abort(AbortReason.TIMEOUT,
                           f"no result by the deadline (state {self.state.name})")
 
-    S = InstitutionState
     TABLE: ClassVar[dict[tuple[object, type], Handler | _Buffer]] = {
-        (S.AWAIT_ASSIGNMENT, MaskAssignment): _on_assignment,
-        (S.AWAIT_ASSIGNMENT, LeaderQuery): BUFFER,
-        (S.AWAIT_ASSIGNMENT, LeaderShare): BUFFER,
-        (S.AWAIT_ASSIGNMENT, RoundAbort): _on_abort,
-        (S.AWAIT_ASSIGNMENT, Deadline): _on_deadline,
-        (S.AWAIT_QUERY, LeaderQuery): _on_query,
-        (S.AWAIT_QUERY, RoundAbort): _on_abort,
-        (S.AWAIT_QUERY, Deadline): _on_deadline,
-        (S.AWAIT_SHARE, LeaderShare): _on_share,
-        (S.AWAIT_SHARE, RoundAbort): _on_abort,
-        (S.AWAIT_SHARE, Deadline): _on_deadline,
-        (S.AWAIT_RESULT, RoundResult): _on_result,
-        (S.AWAIT_RESULT, RoundAbort): _on_abort,
-        (S.AWAIT_RESULT, Deadline): _on_deadline,
+        (InstitutionState.AWAIT_ASSIGNMENT, MaskAssignment): _on_assignment,
+        (InstitutionState.AWAIT_ASSIGNMENT, LeaderQuery): BUFFER,
+        (InstitutionState.AWAIT_ASSIGNMENT, LeaderShare): BUFFER,
+        (InstitutionState.AWAIT_ASSIGNMENT, RoundAbort): _on_abort,
+        (InstitutionState.AWAIT_ASSIGNMENT, Deadline): _on_deadline,
+        (InstitutionState.AWAIT_QUERY, LeaderQuery): _on_query,
+        (InstitutionState.AWAIT_QUERY, RoundAbort): _on_abort,
+        (InstitutionState.AWAIT_QUERY, Deadline): _on_deadline,
+        (InstitutionState.AWAIT_SHARE, LeaderShare): _on_share,
+        (InstitutionState.AWAIT_SHARE, RoundAbort): _on_abort,
+        (InstitutionState.AWAIT_SHARE, Deadline): _on_deadline,
+        (InstitutionState.AWAIT_RESULT, RoundResult): _on_result,
+        (InstitutionState.AWAIT_RESULT, RoundAbort): _on_abort,
+        (InstitutionState.AWAIT_RESULT, Deadline): _on_deadline,
     }
-    del S
