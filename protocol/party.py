@@ -147,7 +147,7 @@ class _Party:
                     return []  # parts still due, or our own receipt of a round's end
                 self._envelope = delivery.digest[:LEDGER_DIGEST_BYTES]
                 msg = self._decode(delivery)
-                events = self._finish(self._route(delivery.sender, msg))
+                events = self._seal_outputs(self._route(delivery.sender, msg))
             except ZerosumError as exc:
                 return [*self._opened, Rejected(exc)]
             except Exception as exc:  # last resort: an input never stops the party
@@ -183,7 +183,7 @@ class _Party:
         m = self.rounds.get(round_id)
         if m is None or m.state in m.TERMINAL:
             return []
-        return self._finish(m.handle("", Deadline(round_id)))
+        return self._seal_outputs(m.handle("", Deadline(round_id)))
 
     def _route(self, sender: str, msg: Message) -> list[Output]:
         raise NotImplementedError
@@ -194,7 +194,8 @@ class _Party:
             self.rounds.popitem(last=False)
 
     # -- out -------------------------------------------------------------------------------
-    def _finish(self, outputs: list[Output]) -> list[Event]:
+    def _seal_outputs(self, outputs: list[Output]) -> list[Event]:
+        """Each Send sealed into an Outgoing (none while replaying); other outputs as they are."""
         events: list[Event] = []
         bodies: dict[int, bytes] = {}  # one encoding of a message sent to many (the result)
         for o in outputs:
@@ -223,8 +224,8 @@ class CoordinatorParty(_Party):
     in its own inbox, so that an audit with its key can compare what it published with the sum
     of what it received (it cannot open what it sealed to the institutions)."""
 
-    def _finish(self, outputs: list[Output]) -> list[Event]:
-        events = super()._finish(outputs)
+    def _seal_outputs(self, outputs: list[Output]) -> list[Event]:
+        events = super()._seal_outputs(outputs)
         if not self.sealing:
             return events
         receipts: dict[bytes, Send] = {}
