@@ -44,7 +44,7 @@ from agents.broker import broker_config_dir, read_properties
 from agents.config import ConfigError, ConsortiumFile, PartyConfig
 from agents.data import Snapshot
 from agents.health import KafkaWatch
-from agents.kafka_client import prepare_topics
+from agents.kafka_client import prepare_topics, seek_to_read
 from agents.ledger import RoundLedger
 from agents.metrics import AgentMetrics
 from agents.outbox import Outbox
@@ -52,7 +52,7 @@ from agents.position import InboxPosition
 from agents.security import KafkaAccess, as_access
 from protocol.audit import RESEND_HEADER
 from protocol.envelope import Header, digest
-from protocol.errors import AbortReason, HandlingFailed
+from protocol.errors import AbortReason, DuplicateEnvelope, HandlingFailed
 from protocol.machine import Ended, Outcome, Published, SetTimer
 from protocol.messages import MaskAssignment, Scope
 from protocol.party import (
@@ -75,6 +75,8 @@ Clock = Callable[[], float]  # seconds since the epoch
 CLIENT_STOP_S = 10.0  # how long a stopping agent lets its Kafka clients close before it leaves
 STUCK_AFTER_S = 10.0  # a consumer idle this long while its inbox has more is rebuilt
 PROBE_S = 5.0  # how long a look at the inbox's end offset may take
+BACKOFF_FIRST_S = 0.2  # the first wait before a failed fetch or produce is tried again
+BACKOFF_MAX_S = 5.0  # each further wait doubles, up to this
 PRODUCE_TIMEOUT_MS = 20_000  # a send not acknowledged by then is sent again
 LEGACY_GROUP_S = 30.0  # how long a first start under this version asks for the group's offset
 
@@ -139,12 +141,7 @@ async def read_to_end(bootstrap: str | KafkaAccess, topics: list[str], *,
     await consumer.start()
     try:
         tps = [TopicPartition(t, 0) for t in topics]
-        consumer.assign(tps)
-        # explicit offsets: a pending seek_to_beginning is lost to the reset policy
-        starts = await consumer.beginning_offsets(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, starts[tp] if last is None else max(ends[tp] - last, starts[tp]))
+        ends = await seek_to_read(consumer, tps, last=last)
         while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
             batch = await consumer.getmany(timeout_ms=10_000)
             if not batch:
@@ -313,7 +310,7 @@ class Agent:
                 await self._stop.wait()
         if self._stop.is_set():
             raise Stopping
-        return min(delay * 2, 5.0)
+        return min(delay * 2, BACKOFF_MAX_S)
 
     async def _recover(self) -> None:
         """Re-produce journaled envelopes, then rebuild state from the inbox up to the commit."""
@@ -407,7 +404,7 @@ class Agent:
         assert self._consumer is not None
         tp = TopicPartition(self.cfg.topic, 0)
         loop = asyncio.get_running_loop()
-        delay = 0.2
+        delay = BACKOFF_FIRST_S
         next_offset = await self._consumer.position(tp)
         idle_since = loop.time()
         while not self._stop.is_set():
@@ -426,7 +423,7 @@ class Agent:
                 except Stopping:
                     return
                 continue
-            delay = 0.2
+            delay = BACKOFF_FIRST_S
             records = batch.get(tp, [])
             if not records:  # aiokafka's fetcher hides a broker away: an empty batch
                 continue
@@ -633,12 +630,12 @@ class Agent:
                 self.timers[e.round_id] = self._bounded(e)
                 self._timers_changed.set()
             elif isinstance(e, Rejected):
-                name = type(e.error).__name__
-                if name == "DuplicateEnvelope":
+                if isinstance(e.error, DuplicateEnvelope):
                     self.stats.duplicates += 1
                     if not self._replaying:
                         self.metrics.duplicates.inc()
                     continue
+                name = type(e.error).__name__
                 self.stats.rejected += 1
                 if not self._replaying:
                     self.metrics.rejected.labels(name).inc()
@@ -733,7 +730,7 @@ class Agent:
         that partition then fails with OutOfOrderSequenceNumber. The producer is replaced
         then, with a new producer id; a copy that did land is an exact duplicate, which
         receivers drop."""
-        delay = 0.2
+        delay = BACKOFF_FIRST_S
         attempts = 0
         while items:
             attempts += 1

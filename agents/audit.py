@@ -19,6 +19,7 @@ import jinja2
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.config import Consortium
+from agents.kafka_client import seek_to_read
 from agents.security import KafkaAccess, as_access
 from protocol.audit import RESEND_HEADER, Auditor, Location, Record, Report, RoundReport
 from protocol.envelope import PrivateParty
@@ -64,17 +65,7 @@ async def read_and_audit(consortium: Consortium, bootstrap: str | KafkaAccess, *
                if p.topic in existing]
         if not tps:
             return AuditRun(auditor.finish(), time.monotonic() - t0, 0)
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        if since_ms is None:
-            # explicit offsets: a pending seek_to_beginning is lost to the reset policy here
-            for tp, start in (await consumer.beginning_offsets(tps)).items():
-                consumer.seek(tp, start)
-        else:
-            found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
-            for tp in tps:
-                o = found.get(tp)
-                consumer.seek(tp, o.offset if o is not None else ends[tp])
+        ends = await seek_to_read(consumer, tps, since_ms=since_ms)
         buffers: dict[TopicPartition, list[Record]] = {tp: [] for tp in tps}
         done = {tp for tp in tps if await consumer.position(tp) >= ends[tp]}
         idle = 0

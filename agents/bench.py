@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from agents.agent import ensure_topics, read_to_end
 from agents.config import load_party
 from agents.kafka_admin import init_on_broker
+from agents.kafka_client import quiet_aiokafka
 from agents.run import agents_in_process, party_configs, request_round
 from agents.security import KafkaAccess, as_access
 from protocol.envelope import Header
@@ -674,7 +675,7 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
 
     import logging
     logging.getLogger().setLevel(logging.WARNING)  # figures, not the agents' chatter
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # start-up noise of a new group
+    quiet_aiokafka(logging.CRITICAL)  # start-up noise of a new group
 
     broker = None
     access = KafkaAccess(bootstrap) if bootstrap is not None else None

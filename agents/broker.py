@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agents.kafka_client import aiokafka_silenced
 from agents.security import (
     PRINCIPAL_MAPPING,
     KafkaAccess,
@@ -200,27 +201,25 @@ async def probe(target: str | KafkaAccess, timeout_s: float = 5.0) -> int:
 
     access = as_access(target)
     bootstrap = access.bootstrap
-    quiet = logging.getLogger("aiokafka")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    client = AIOKafkaClient(**access.aiokafka_kwargs(), request_timeout_ms=int(timeout_s * 1000),
-                            metadata_max_age_ms=1000)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await client.bootstrap()
-            brokers = client.cluster.brokers()
-            if not brokers:
-                raise BrokerError(f"{bootstrap} answered but reports no broker yet")
-            return len(brokers)
-    except (TimeoutError, OSError) as exc:
-        raise BrokerError(f"no Kafka broker answered at {bootstrap}: {exc or 'timed out'}") from exc
-    except Exception as exc:
-        if isinstance(exc, BrokerError):
-            raise
-        raise BrokerError(f"no Kafka broker answered at {bootstrap}: {exc}") from exc
-    finally:
-        await client.close()
-        quiet.setLevel(level)
+    with aiokafka_silenced():
+        client = AIOKafkaClient(**access.aiokafka_kwargs(),
+                                request_timeout_ms=int(timeout_s * 1000), metadata_max_age_ms=1000)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.bootstrap()
+                brokers = client.cluster.brokers()
+                if not brokers:
+                    raise BrokerError(f"{bootstrap} answered but reports no broker yet")
+                return len(brokers)
+        except (TimeoutError, OSError) as exc:
+            raise BrokerError(
+                f"no Kafka broker answered at {bootstrap}: {exc or 'timed out'}") from exc
+        except Exception as exc:
+            if isinstance(exc, BrokerError):
+                raise
+            raise BrokerError(f"no Kafka broker answered at {bootstrap}: {exc}") from exc
+        finally:
+            await client.close()
 
 
 @dataclass(frozen=True)
@@ -245,6 +244,16 @@ class StartResult:
     seconds: float
     already_running: bool
     secure: bool = True
+
+
+def admin_access(bootstrap: str, credentials: Path, cafile: Path) -> KafkaAccess:
+    """The admin super-user (its SCRAM credential in `credentials`) at `bootstrap`, over TLS
+    trusting `cafile`; BrokerError if the credential cannot be read."""
+    try:
+        user, password = read_credentials(credentials)
+    except SecurityError as exc:
+        raise BrokerError(str(exc)) from exc
+    return KafkaAccess(bootstrap, user, password, cafile)
 
 
 @contextlib.contextmanager
@@ -344,11 +353,7 @@ class LocalBroker:
         bootstrap = f"127.0.0.1:{info.port if info is not None else self.port}"
         if not secure:
             return KafkaAccess(bootstrap)
-        try:
-            user, password = read_credentials(self.admin_credentials)
-        except SecurityError as exc:
-            raise BrokerError(str(exc)) from exc
-        return KafkaAccess(bootstrap, user, password, self.cafile)
+        return admin_access(bootstrap, self.admin_credentials, self.cafile)
 
     @property
     def secrets_path(self) -> Path:

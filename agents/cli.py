@@ -19,7 +19,8 @@ from agents.broker import (
     LocalBroker,
     default_data_dir,
 )
-from agents.config import ConfigError, PartyConfig, load_party
+from agents.config import KEM_NAMES, ConfigError, PartyConfig, load_party
+from agents.kafka_client import quiet_aiokafka
 from agents.security import KafkaAccess
 
 if TYPE_CHECKING:
@@ -267,10 +268,9 @@ def _party(path: Path) -> PartyConfig:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from agents.init import init_consortium
-    from protocol.envelope import KemKind
     from protocol.messages import MaskMode
 
-    kem = KemKind.MLKEM768_X25519 if args.kem == "mlkem768-x25519" else KemKind.X25519
+    kem = KEM_NAMES[args.kem]
     try:
         consortium = args.consortium or f"zs-{os.urandom(4).hex()}"
         if args.insecure:
@@ -395,7 +395,7 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--consortium",
                    help="consortium id, part of every topic name (default: a new random id, "
                         "so that a new consortium never reuses an old one's topics)")
-    p.add_argument("--kem", choices=["x25519", "mlkem768-x25519"], default="x25519",
+    p.add_argument("--kem", choices=list(KEM_NAMES), default="x25519",
                    help="HPKE key encapsulation (default: x25519)")
     p.add_argument("--masks", choices=["dealt", "pairwise"], default="dealt",
                    help="dealt: the patent's masks from the coordinator (coordinator and "
@@ -592,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # the Kafka client's own chatter only with --verbose
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        quiet_aiokafka()
     func: Handler = args.func
     try:
         return func(args)

@@ -36,6 +36,7 @@ from agents.broker import (
     BrokerInfo,
     LocalBroker,
     StartResult,
+    admin_access,
     broker_config_dir,
     data_dir_lock,
     default_data_dir,
@@ -44,7 +45,7 @@ from agents.broker import (
     probe,
     read_properties,
 )
-from agents.security import KafkaAccess, SecurityError, read_credentials
+from agents.security import KafkaAccess
 
 # three JVMs on a small machine: about 512 MB of heap each
 CLUSTER_JVM_OPTS = ("-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
@@ -211,11 +212,7 @@ class LocalCluster:
         """The admin super-user, through every node's address."""
         if self.insecure:
             return KafkaAccess(self.bootstrap)
-        try:
-            user, password = read_credentials(self.admin_credentials)
-        except SecurityError as exc:
-            raise BrokerError(str(exc)) from exc
-        return KafkaAccess(self.bootstrap, user, password, self.cafile)
+        return admin_access(self.bootstrap, self.admin_credentials, self.cafile)
 
     # -- commands ----------------------------------------------------------------------
     def start(self) -> StartResult:

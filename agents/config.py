@@ -27,6 +27,8 @@ from protocol.policy import DEFAULT_DIFFERENCE_WINDOW, DEFAULT_MAX_QUERY, Consor
 from protocol.tokens import CONSORTIUM_KEY_BYTES
 
 KEM_NAMES = {"x25519": KemKind.X25519, "mlkem768-x25519": KemKind.MLKEM768_X25519}
+"""The `kem` names of the config files and of `zerosum init --kem`."""
+KEM_NAME_OF = {kind: name for name, kind in KEM_NAMES.items()}
 
 
 class ConfigError(Exception):
@@ -57,6 +59,14 @@ def _get(table: dict[str, Any], key: str, typ: type, where: str) -> Any:
         raise ConfigError(f"{where}: field {key!r} must be {typ.__name__}, "
                           f"got {type(value).__name__}")
     return value
+
+
+def _kem(table: dict[str, Any], where: str) -> KemKind:
+    """The KEM named by the table's `kem` field (one of KEM_NAMES)."""
+    name = _get(table, "kem", str, where)
+    if name not in KEM_NAMES:
+        raise ConfigError(f"{where}: kem must be one of {sorted(KEM_NAMES)}")
+    return KEM_NAMES[name]
 
 
 def _hex(table: dict[str, Any], key: str, where: str, size: int | None = None) -> bytes:
@@ -186,12 +196,10 @@ def load_consortium(path: Path) -> Consortium:
             check_party(name)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-        kem_name = _get(p, "kem", str, where)
-        if kem_name not in KEM_NAMES:
-            raise ConfigError(f"{where}: kem must be one of {sorted(KEM_NAMES)}")
+        kem = _kem(p, where)
         try:
             registry[name] = public_party(
-                name, signing_key=_hex(p, "signing_key", where, 32), kem=KEM_NAMES[kem_name],
+                name, signing_key=_hex(p, "signing_key", where, 32), kem=kem,
                 kem_key=_hex(p, "kem_key", where), topic=topic_for(cid, name))
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
@@ -373,12 +381,10 @@ def load_private_key(path: Path, party: str) -> PrivateParty:
     _check_private_file(path)
     raw = _load(path)
     w = str(path)
-    kem_name = _get(raw, "kem", str, w)
-    if kem_name not in KEM_NAMES:
-        raise ConfigError(f"{w}: kem must be one of {sorted(KEM_NAMES)}")
+    kem = _kem(raw, w)
     try:
         return private_party(party, signing_seed=_hex(raw, "signing_seed", w, 32),
-                             kem=KEM_NAMES[kem_name], kem_private=_hex(raw, "kem_private", w),
+                             kem=kem, kem_private=_hex(raw, "kem_private", w),
                              secret=_hex(raw, "secret", w, 32))
     except ValueError as exc:
         raise ConfigError(f"{w}: {exc}") from exc

@@ -114,6 +114,16 @@ def _columns(path: Path, header: list[str], attributes: dict[str, AttributeSpec]
     return names
 
 
+def _first_time(path: Path, seen: dict[str, int], cid: str, row_no: int) -> None:
+    """Record that customer `cid` (normalised) stands in row `row_no` of the file;
+    DataFileError if an earlier row, kept in `seen`, holds the same customer."""
+    norm = normalise_id(cid)
+    if norm in seen:
+        raise DataFileError(f"{path}: row {row_no}, column {ID_COLUMN}: the same "
+                            f"customer as row {seen[norm]}")
+    seen[norm] = row_no
+
+
 def _build(path: Path, header: list[str], rows: Iterable[list[str]],
            attributes: dict[str, AttributeSpec], key: bytes) -> LocalTable:
     """A CSV's rows (the header is row 1) validated into a table."""
@@ -130,13 +140,9 @@ def _build(path: Path, header: list[str], rows: Iterable[list[str]],
             raise DataFileError(f"{path}: row {row_no}: {len(row)} fields, the header has "
                                 f"{len(header)}")
         cid = row[id_at]
-        norm = normalise_id(cid)
-        if not norm:
+        if not normalise_id(cid):
             raise DataFileError(f"{path}: row {row_no}, column {ID_COLUMN}: empty")
-        if norm in seen:
-            raise DataFileError(f"{path}: row {row_no}, column {ID_COLUMN}: the same "
-                                f"customer as row {seen[norm]}")
-        seen[norm] = row_no
+        _first_time(path, seen, cid, row_no)
         vals = []
         for at, spec in cols:
             try:
@@ -163,11 +169,7 @@ def load_query(path: Path, key: bytes) -> tuple[list[str], Tokens]:
                 cid = (row.get(ID_COLUMN) or "").strip()
                 if not cid:
                     continue
-                norm = normalise_id(cid)
-                if norm in seen:
-                    raise DataFileError(f"{path}: row {row_no}, column {ID_COLUMN}: the same "
-                                        f"customer as row {seen[norm]}")
-                seen[norm] = row_no
+                _first_time(path, seen, cid, row_no)
                 ids.append(cid)
     except OSError as exc:
         raise DataFileError(f"{path}: cannot open: {exc.strerror}") from exc

@@ -16,6 +16,7 @@ from pathlib import Path
 from agents.broker import LocalBroker
 from agents.config import load_party
 from agents.kafka_admin import init_on_broker
+from agents.kafka_client import quiet_aiokafka
 from agents.run import agents_in_process, setup_logging
 from protocol.machine import Ended, Outcome
 from protocol.messages import Scope
@@ -90,7 +91,7 @@ def run_demo(*, institutions: int, customers: int, rounds: int, data_dir: Path, 
     logging.getLogger().setLevel(logging.WARNING)
     # the group coordinator is not there for the first moments of a fresh broker: aiokafka
     # logs that as an error and retries; the demo's output is the rounds
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    quiet_aiokafka(logging.CRITICAL)
     broker = LocalBroker(data_dir, port=port, controller_port=controller_port)
     started = broker.start()
     print(f"Kafka at {started.bootstrap}" + (" (already running)" if started.already_running

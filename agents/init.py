@@ -10,7 +10,7 @@ from typing import Any
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agents.config import topic_for
+from agents.config import KEM_NAME_OF, topic_for
 from agents.security import write_consortium_security
 from protocol.envelope import KemKind, kem_keys
 from protocol.fixedpoint import AttributeSpec
@@ -44,7 +44,7 @@ def _party_keys(directory: Path, name: str, kem: KemKind) -> dict[str, str]:
     signing_seed = os.urandom(32)
     kem_private = os.urandom(32 if kem is KemKind.X25519 else 96)
     _, _, kem_pub = kem_keys(kem, kem_private)
-    kem_name = "x25519" if kem is KemKind.X25519 else "mlkem768-x25519"
+    kem_name = KEM_NAME_OF[kem]
     _write_private(directory / "keys" / name / f"{name}.key", _toml({
         "kem": kem_name, "signing_seed": signing_seed.hex(), "kem_private": kem_private.hex(),
         "secret": os.urandom(32).hex()}))

@@ -22,6 +22,7 @@ from agents.api.appbus import AppBridge
 from agents.config import PartyConfig, load_party
 from agents.data import load_query
 from agents.health import KafkaWatch
+from agents.kafka_client import quiet_aiokafka
 from protocol.messages import Scope
 from zerosum.results import RoundResult
 
@@ -44,7 +45,7 @@ def setup_logging(fmt: str, verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    quiet_aiokafka()
 
 
 async def serve_party(agent: Agent, *, api: bool = True) -> None:

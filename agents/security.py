@@ -181,13 +181,31 @@ def write_ca(directory: Path, common_name: str = "zerosum consortium CA") -> Pat
     return directory / "ca.pem"
 
 
-def write_broker_keystore(directory: Path, hosts: tuple[str, ...] = BROKER_HOSTS) -> str:
-    """Sign a broker certificate with `directory/ca.key`; write `broker.p12` (PKCS#12, mode
-    600) and `broker.pem`; return the keystore password (random, for server.properties)."""
+def _load_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA's key and certificate: `ca.key` and `ca.pem` in `directory`."""
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise SecurityError(f"{directory / 'ca.key'}: not the EC key `zerosum init` writes")
-    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    return ca_key, x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+
+
+def _leaf(subject: x509.Name, key: ec.EllipticCurvePrivateKey,
+          ca: x509.Certificate) -> x509.CertificateBuilder:
+    """A certificate for `key`, not a CA, issued by `ca`, valid from five minutes ago (clock
+    skew) for CERT_DAYS days; the caller adds its usages and signs."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+
+
+def write_broker_keystore(directory: Path, hosts: tuple[str, ...] = BROKER_HOSTS) -> str:
+    """Sign a broker certificate with `directory/ca.key`; write `broker.p12` (PKCS#12, mode
+    600) and `broker.pem`; return the keystore password (random, for server.properties)."""
+    ca_key, ca = _load_ca(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
     for h in hosts:
@@ -195,13 +213,7 @@ def write_broker_keystore(directory: Path, hosts: tuple[str, ...] = BROKER_HOSTS
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(_name("zerosum broker")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    cert = (_leaf(_name("zerosum broker"), key, ca)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -221,18 +233,9 @@ def write_client_certificate(ca_dir: Path, principal: str, cert_out: Path,
     `<consortium>.<party>`), signed by the CA in `ca_dir` (the broker's, or the consortium's
     from `zerosum init`). The broker maps that CN to `User:<principal>`, so the same ACLs
     apply whether a party logs in with SCRAM or with its certificate."""
-    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise SecurityError(f"{ca_dir / 'ca.key'}: not the EC key `zerosum init` writes")
-    ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    ca_key, ca = _load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(_name(principal)).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    cert = (_leaf(_name(principal), key, ca)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))

@@ -35,8 +35,6 @@ from protocol.messages import (
 )
 from protocol.ring import sum_matrices
 
-K = MessageKind
-
 
 @dataclass(frozen=True, order=True)
 class Location:
@@ -322,20 +320,20 @@ class Auditor:
         for m in r.messages:
             if len(m.chunks) not in (0, m.parts) and self.key and m.recipient == self.key.party_id:
                 bad(m, "chunks", f"{len(m.chunks)} of {m.parts} parts of a {m.kind.name}")
-        requests = of(K.ROUND_REQUEST, recipient=coord)
-        assigns = of(K.MASK_ASSIGNMENT)
-        for m in assigns + of(K.LEADER_QUERY) + of(K.ROUND_RESULT):
+        requests = of(MessageKind.ROUND_REQUEST, recipient=coord)
+        assigns = of(MessageKind.MASK_ASSIGNMENT)
+        for m in assigns + of(MessageKind.LEADER_QUERY) + of(MessageKind.ROUND_RESULT):
             if m.sender != coord:
                 bad(m, "role", f"{m.kind.name} from {m.sender}, not the coordinator")
-        results = [m for m in of(K.ROUND_RESULT, coord) if m.recipient != coord]
-        aborts = [m for m in of(K.ROUND_ABORT, coord) if m.recipient != coord]
+        results = [m for m in of(MessageKind.ROUND_RESULT, coord) if m.recipient != coord]
+        aborts = [m for m in of(MessageKind.ROUND_ABORT, coord) if m.recipient != coord]
         if not requests:
             if self.from_start:
                 bad(r.messages[0], "transcript", "messages of a round that was never requested")
         else:
             r.requester = requests[0].sender
         r.participants = tuple(sorted({m.recipient for m in assigns}))
-        queries = of(K.LEADER_QUERY, coord)
+        queries = of(MessageKind.LEADER_QUERY, coord)
         if assigns and len({q.recipient for q in queries}) != 1:
             bad(assigns[0], "transcript", f"{len(queries)} leader queries for one round")
         r.leader = queries[0].recipient if queries else ""
@@ -363,17 +361,17 @@ class Auditor:
         msgs = r.messages
         leader, coord = r.leader, self.coordinator
         has = {(m.kind, m.sender, m.recipient) for m in msgs}
-        first = next(m for m in msgs if m.kind is K.ROUND_RESULT)
-        if (K.COORDINATOR_SHARE, leader, coord) not in has:
+        first = next(m for m in msgs if m.kind is MessageKind.ROUND_RESULT)
+        if (MessageKind.COORDINATOR_SHARE, leader, coord) not in has:
             r.findings.append(Finding(first.location, "partial",
                                       f"published without the share of leader {leader}"))
         for p in r.participants:
             if p == leader:
                 continue
-            if (K.LEADER_SHARE, leader, p) not in has:
+            if (MessageKind.LEADER_SHARE, leader, p) not in has:
                 r.findings.append(Finding(first.location, "transcript",
                                           f"the leader sent no share to {p}"))
-            if (K.CONTRIBUTION, p, coord) not in has:
+            if (MessageKind.CONTRIBUTION, p, coord) not in has:
                 r.findings.append(Finding(first.location, "partial",
                                           f"published without the contribution of {p}"))
 
@@ -398,40 +396,40 @@ class Auditor:
                         and isinstance(x, RoundResult | RoundAbort)), None)
         if receipt is None:
             return
-        rm, rx = receipt
-        if isinstance(rx, RoundAbort):
-            r.reason = rx.reason.name
-            if req is not None and rx.reason is AbortReason.TIMEOUT and rm.ts < req.deadline_ms:
-                r.findings.append(Finding(rm.location, "deadline", "timed out "
-                                          f"{req.deadline_ms - rm.ts} ms before the deadline"))
+        msg, end = receipt  # the coordinator's RoundResult or RoundAbort to this party
+        if isinstance(end, RoundAbort):
+            r.reason = end.reason.name
+            if req is not None and end.reason is AbortReason.TIMEOUT and msg.ts < req.deadline_ms:
+                r.findings.append(Finding(msg.location, "deadline", "timed out "
+                                          f"{req.deadline_ms - msg.ts} ms before the deadline"))
             r.verified = "coordinator"
             return
-        assert isinstance(rx, RoundResult)
-        r.rows = rx.rows
+        assert isinstance(end, RoundResult)
+        r.rows = end.rows
         if req is None or share is None:
             return
         parts = [share.share, *(contribs[p].values for p in r.participants
                                 if p != r.leader and p in contribs)]
         if len(parts) != len(r.participants) or any(p.shape != parts[0].shape for p in parts):
-            r.findings.append(Finding(rm.location, "sum", "inputs missing or misshapen"))
+            r.findings.append(Finding(msg.location, "sum", "inputs missing or misshapen"))
             return
         total = sum_matrices(parts)
-        kept = rx.kept_mask()
-        if not np.array_equal(total[kept], rx.totals):
-            r.findings.append(Finding(rm.location, "sum", "the published totals are not the "
+        kept = end.kept_mask()
+        if not np.array_equal(total[kept], end.totals):
+            r.findings.append(Finding(msg.location, "sum", "the published totals are not the "
                                                           "sum of the contributions"))
             return
         specs = tuple(self.attributes[a] for a in req.attributes if a in self.attributes)
         try:
             holders = decode_totals(total, specs, len(r.participants))[:, 0]
         except TotalOutOfRange as exc:
-            r.findings.append(Finding(rm.location, "sum", str(exc)))
+            r.findings.append(Finding(msg.location, "sum", str(exc)))
             return
         if not np.array_equal(holders >= req.min_holders, kept):
-            r.findings.append(Finding(rm.location, "threshold", "withheld rows differ from "
+            r.findings.append(Finding(msg.location, "threshold", "withheld rows differ from "
                                                                 "those below min_holders"))
-        if rm.ts > req.deadline_ms:
-            r.findings.append(Finding(rm.location, "deadline", "published after the deadline"))
+        if msg.ts > req.deadline_ms:
+            r.findings.append(Finding(msg.location, "deadline", "published after the deadline"))
         r.verified = "coordinator"
 
     def _check_as_institution(self, r: RoundReport) -> None:

@@ -195,7 +195,7 @@ class CoordinatorRound(RoundMachine):
 
     def _on_share(self, sender: str, msg: CoordinatorShare) -> list[Output]:
         if sender != self.leader:
-            return self.invalid(sender, msg)
+            return self.abort_unexpected(sender, msg)
         if msg.assignment != self.digest:
             return self.abort(AbortReason.INCONSISTENT,
                               f"{sender}'s share was computed on another assignment", (sender,))
@@ -206,7 +206,7 @@ class CoordinatorRound(RoundMachine):
 
     def _on_contribution(self, sender: str, msg: Contribution) -> list[Output]:
         if sender == self.leader:
-            return self.invalid(sender, msg)
+            return self.abort_unexpected(sender, msg)
         if msg.assignment != self.digest:
             return self.abort(AbortReason.INCONSISTENT,
                               f"{sender}'s contribution was computed on another assignment",

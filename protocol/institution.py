@@ -62,7 +62,7 @@ from protocol.ring import (
 )
 from protocol.tokens import LocalTable, Tokens
 
-DEFAULT_GRACE_MS = 5_000
+DEFAULT_GRACE_MS = 5_000  # ms past a round's deadline an institution still waits for its end
 
 
 class InstitutionState(Enum):
@@ -131,7 +131,7 @@ class InstitutionRound(RoundMachine):
     def _on_assignment(self, sender: str, a: MaskAssignment) -> list[Output]:
         ctx = self.ctx
         if sender != ctx.coordinator or ctx.me not in a.participants:
-            return self.invalid(sender, a)
+            return self.abort_unexpected(sender, a)
         self.assignment = a
         self.digest = assignment_digest(a)
         coord = (ctx.coordinator,)
@@ -178,7 +178,7 @@ class InstitutionRound(RoundMachine):
         a, ctx = self.assignment, self.ctx
         assert a is not None
         if sender != ctx.coordinator:
-            return self.invalid(sender, q)
+            return self.abort_unexpected(sender, q)
         if q.assignment != self.digest or q.query.size != a.query_size or \
                 query_digest(q.query) != a.query_digest:
             return self._refuse("the query does not match the round's assignment",
@@ -213,7 +213,7 @@ class InstitutionRound(RoundMachine):
         a, ctx = self.assignment, self.ctx
         assert a is not None
         if sender != a.leader:
-            return self.invalid(sender, s)
+            return self.abort_unexpected(sender, s)
         if not ctx.signer.verify(ctx.coordinator, s.attestation,
                                  attestation_statement(self.round_id, s.assignment)):
             return self._refuse(f"{sender} forwarded an attestation that does not verify",
@@ -248,7 +248,7 @@ class InstitutionRound(RoundMachine):
         assert a is not None
         assert tokens is not None
         if sender != self.ctx.coordinator:
-            return self.invalid(sender, r)
+            return self.abort_unexpected(sender, r)
         if r.rows != tokens.size or r.totals.shape[1] != a.width:
             return self.abort(AbortReason.INVALID_SHAPE,
                               f"result has {r.rows} x {r.totals.shape[1]}, expected "
@@ -270,7 +270,7 @@ class InstitutionRound(RoundMachine):
 
     def _on_abort(self, sender: str, m: RoundAbort) -> list[Output]:
         if sender != self.ctx.coordinator:
-            return self.invalid(sender, m)
+            return self.abort_unexpected(sender, m)
         # the coordinator ended the round: end it here without telling it back
         return RoundMachine.abort(self, m.reason, m.detail, m.culprits)
 
@@ -278,21 +278,19 @@ class InstitutionRound(RoundMachine):
         return self.abort(AbortReason.TIMEOUT,
                           f"no result by the deadline (state {self.state.name})")
 
-    S = InstitutionState
     TABLE: ClassVar[dict[tuple[object, type], Handler | _Buffer]] = {
-        (S.AWAIT_ASSIGNMENT, MaskAssignment): _on_assignment,
-        (S.AWAIT_ASSIGNMENT, LeaderQuery): BUFFER,
-        (S.AWAIT_ASSIGNMENT, LeaderShare): BUFFER,
-        (S.AWAIT_ASSIGNMENT, RoundAbort): _on_abort,
-        (S.AWAIT_ASSIGNMENT, Deadline): _on_deadline,
-        (S.AWAIT_QUERY, LeaderQuery): _on_query,
-        (S.AWAIT_QUERY, RoundAbort): _on_abort,
-        (S.AWAIT_QUERY, Deadline): _on_deadline,
-        (S.AWAIT_SHARE, LeaderShare): _on_share,
-        (S.AWAIT_SHARE, RoundAbort): _on_abort,
-        (S.AWAIT_SHARE, Deadline): _on_deadline,
-        (S.AWAIT_RESULT, RoundResult): _on_result,
-        (S.AWAIT_RESULT, RoundAbort): _on_abort,
-        (S.AWAIT_RESULT, Deadline): _on_deadline,
+        (InstitutionState.AWAIT_ASSIGNMENT, MaskAssignment): _on_assignment,
+        (InstitutionState.AWAIT_ASSIGNMENT, LeaderQuery): BUFFER,
+        (InstitutionState.AWAIT_ASSIGNMENT, LeaderShare): BUFFER,
+        (InstitutionState.AWAIT_ASSIGNMENT, RoundAbort): _on_abort,
+        (InstitutionState.AWAIT_ASSIGNMENT, Deadline): _on_deadline,
+        (InstitutionState.AWAIT_QUERY, LeaderQuery): _on_query,
+        (InstitutionState.AWAIT_QUERY, RoundAbort): _on_abort,
+        (InstitutionState.AWAIT_QUERY, Deadline): _on_deadline,
+        (InstitutionState.AWAIT_SHARE, LeaderShare): _on_share,
+        (InstitutionState.AWAIT_SHARE, RoundAbort): _on_abort,
+        (InstitutionState.AWAIT_SHARE, Deadline): _on_deadline,
+        (InstitutionState.AWAIT_RESULT, RoundResult): _on_result,
+        (InstitutionState.AWAIT_RESULT, RoundAbort): _on_abort,
+        (InstitutionState.AWAIT_RESULT, Deadline): _on_deadline,
     }
-    del S

@@ -151,7 +151,7 @@ class RoundMachine:
             self._seen[(sender, inp.KIND)] = digest
             self._messages[(sender, inp.KIND)] = inp
         if entry is None:
-            return self.invalid(sender, inp)
+            return self.abort_unexpected(sender, inp)
         if entry is BUFFER:
             self._pending.append((sender, inp))
             return []
@@ -171,14 +171,15 @@ class RoundMachine:
                 if sender and not self.may_send(sender):
                     self.dropped.append(sender)  # early, and from a stranger: never an abort
                 elif entry is None:
-                    out += self.invalid(sender, inp)
+                    out += self.abort_unexpected(sender, inp)
                 else:
                     out += entry(self, sender, inp)
                 progressed = True
                 break
         return out
 
-    def invalid(self, sender: str, inp: Input) -> list[Output]:
+    def abort_unexpected(self, sender: str, inp: Input) -> list[Output]:
+        """Abort the round: `inp` (from `sender`; "" for the clock) has no place in this state."""
         what = type(inp).__name__
         return self.abort(AbortReason.UNEXPECTED_MESSAGE,
                           f"{what} from {sender or 'the clock'} in state {self.state.name}",

@@ -33,7 +33,7 @@ from protocol.errors import (
     UnknownRound,
     ZerosumError,
 )
-from protocol.institution import InstitutionContext, InstitutionRound
+from protocol.institution import DEFAULT_GRACE_MS, InstitutionContext, InstitutionRound
 from protocol.machine import Deadline, Output, RoundMachine, Send
 from protocol.messages import (
     LeaderShare,
@@ -147,7 +147,7 @@ class _Party:
                     return []  # parts still due, or our own receipt of a round's end
                 self._envelope = delivery.digest[:LEDGER_DIGEST_BYTES]
                 msg = self._decode(delivery)
-                events = self._finish(self._route(delivery.sender, msg))
+                events = self._seal_outputs(self._route(delivery.sender, msg))
             except ZerosumError as exc:
                 return [*self._opened, Rejected(exc)]
             except Exception as exc:  # last resort: an input never stops the party
@@ -183,7 +183,7 @@ class _Party:
         m = self.rounds.get(round_id)
         if m is None or m.state in m.TERMINAL:
             return []
-        return self._finish(m.handle("", Deadline(round_id)))
+        return self._seal_outputs(m.handle("", Deadline(round_id)))
 
     def _route(self, sender: str, msg: Message) -> list[Output]:
         raise NotImplementedError
@@ -194,7 +194,8 @@ class _Party:
             self.rounds.popitem(last=False)
 
     # -- out -------------------------------------------------------------------------------
-    def _finish(self, outputs: list[Output]) -> list[Event]:
+    def _seal_outputs(self, outputs: list[Output]) -> list[Event]:
+        """Each Send sealed into an Outgoing (none while replaying); other outputs as they are."""
         events: list[Event] = []
         bodies: dict[int, bytes] = {}  # one encoding of a message sent to many (the result)
         for o in outputs:
@@ -223,8 +224,8 @@ class CoordinatorParty(_Party):
     in its own inbox, so that an audit with its key can compare what it published with the sum
     of what it received (it cannot open what it sealed to the institutions)."""
 
-    def _finish(self, outputs: list[Output]) -> list[Event]:
-        events = super()._finish(outputs)
+    def _seal_outputs(self, outputs: list[Output]) -> list[Event]:
+        events = super()._seal_outputs(outputs)
         if not self.sealing:
             return events
         receipts: dict[bytes, Send] = {}
@@ -264,7 +265,7 @@ class InstitutionParty(_Party):
 
     def __init__(self, me: PrivateParty, registry: dict[str, PublicParty], consortium: str,
                  *, coordinator: str, table: LocalTable, policy: ConsortiumPolicy,
-                 chain: Chain | None = None, grace_ms: int = 5_000,
+                 chain: Chain | None = None, grace_ms: int = DEFAULT_GRACE_MS,
                  max_body_bytes: int = DEFAULT_MAX_BYTES) -> None:
         super().__init__(me, registry, consortium, chain=chain, max_body_bytes=max_body_bytes)
         self.coordinator = coordinator

@@ -4,7 +4,6 @@ and waiting (on metadata answers, bounded) until the cluster is whole again."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -12,6 +11,7 @@ from typing import TypeVar
 from aiokafka.admin import AIOKafkaAdminClient
 
 from agents.cluster import LocalCluster
+from agents.kafka_client import aiokafka_silenced
 from agents.security import KafkaAccess
 
 WAIT_S = 90.0
@@ -28,19 +28,16 @@ class PartitionState:
 
 async def partition_state(access: KafkaAccess, topic: str) -> PartitionState:
     """Leader, replicas and in-sync replicas of partition 0 of `topic`, from the cluster."""
-    quiet = logging.getLogger("aiokafka")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    admin = AIOKafkaAdminClient(**access.aiokafka_kwargs(), request_timeout_ms=5000)
-    try:
-        await admin.start()
-        [desc] = await admin.describe_topics([topic])
-        [p] = [p for p in desc["partitions"] if p["partition"] == 0]
-        return PartitionState(int(p["leader"]), tuple(sorted(p["replicas"])),
-                              tuple(sorted(p["isr"])))
-    finally:
-        await admin.close()
-        quiet.setLevel(level)
+    with aiokafka_silenced():
+        admin = AIOKafkaAdminClient(**access.aiokafka_kwargs(), request_timeout_ms=5000)
+        try:
+            await admin.start()
+            [desc] = await admin.describe_topics([topic])
+            [p] = [p for p in desc["partitions"] if p["partition"] == 0]
+            return PartitionState(int(p["leader"]), tuple(sorted(p["replicas"])),
+                                  tuple(sorted(p["isr"])))
+        finally:
+            await admin.close()
 
 
 async def topic_config(access: KafkaAccess, topic: str) -> dict[str, str]:

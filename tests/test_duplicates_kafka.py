@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from agents.kafka_client import seek_to_read
 from agents.security import KafkaAccess
 from protocol.machine import Outcome
 from protocol.messages import Scope
@@ -31,11 +32,7 @@ async def _duplicate(bootstrap: KafkaAccess, topics: list[str], stop: asyncio.Ev
     await producer.start()
     copies = 0
     try:
-        tps = [TopicPartition(t, 0) for t in topics]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, ends[tp])
+        await seek_to_read(consumer, [TopicPartition(t, 0) for t in topics], last=0)
         seen = set()  # our own copies come back too: copy each record once
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=100)

@@ -27,6 +27,7 @@ from protocol.driver import CONSORTIUM, COORDINATOR, Network, build_network, key
 from protocol.envelope import Chain, Inbox, padded_size, seal
 from protocol.errors import (
     AbortReason,
+    HandlingFailed,
     InvalidField,
     MessageTooLarge,
     NotAParticipant,
@@ -47,7 +48,7 @@ from protocol.messages import (
     RoundRequest,
     Scope,
 )
-from protocol.party import InstitutionParty, Keyring, Outgoing, Rejected
+from protocol.party import InstitutionParty, Keyring, Outgoing, Rejected, RoundOpened
 from protocol.policy import ConsortiumPolicy, DifferencingGuard
 from protocol.ring import derive_seed
 from protocol.tokens import LocalTable, tokenize
@@ -127,7 +128,7 @@ def test_an_unforeseen_exception_while_handling_is_a_rejection_not_a_crash(
     [wire] = [w for o in out if isinstance(o, Outgoing) for w in o.wires]
     [event] = net.coordinator.receive(wire)
     assert isinstance(event, Rejected)
-    assert type(event.error).__name__ == "HandlingFailed"
+    assert type(event.error) is HandlingFailed
     assert "a bug no check foresaw" in str(event.error)
 
 
@@ -572,7 +573,7 @@ def test_the_ledger_tells_a_replay_from_a_recreated_topic() -> None:
                      attributes=NAMES, deadline_ms=DEADLINE)
     [wire] = [w for o in out if isinstance(o, Outgoing) for w in o.wires]
     first = net.coordinator.receive(wire, 7)
-    assert any(type(e).__name__ == "RoundOpened" for e in first)
+    assert any(type(e) is RoundOpened for e in first)
     # a fresh coordinator with the persisted ledger replays the same envelope at offset 7
     fresh = build_network({n: p.table for n, p in net.institutions.items()}, SPECS)
     fresh.coordinator.ledger = dict(net.coordinator.ledger)
