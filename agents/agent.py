@@ -718,7 +718,7 @@ class Agent:
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
             **self.cfg.kafka.aiokafka_kwargs(), enable_idempotence=True, acks="all",
-            max_request_size=MAX_REQUEST_BYTES, linger_ms=2,
+            max_request_size=MAX_REQUEST_BYTES, linger_ms=0,
             request_timeout_ms=PRODUCE_TIMEOUT_MS, client_id=f"zerosum-{self.cfg.party}")
 
     async def _produce(self, items: list[tuple[str, bytes]], *, resend: bool = False) -> None:

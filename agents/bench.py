@@ -186,7 +186,7 @@ async def transport_floor(bootstrap: KafkaAccess, routes: dict[str, int]) -> flo
 
     async def send(items: list[tuple[str, int]]) -> None:
         p = AIOKafkaProducer(**bootstrap.aiokafka_kwargs(), enable_idempotence=True, acks="all",
-                             max_request_size=2 << 20, linger_ms=2)
+                             max_request_size=2 << 20, linger_ms=0)
         await p.start()
         try:
             futs = []
