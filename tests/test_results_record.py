@@ -94,10 +94,10 @@ def test_a_torn_record_is_logged_and_left_the_agent_starts(tmp_path: Path,
 
 async def test_only_rounds_asked_here_get_a_record_and_the_requester_role(
         tmp_path: Path) -> None:
+    asked, foreign = os.urandom(16), os.urandom(16)
+    mark_asked(tmp_path / "results", asked)  # by this agent before a restart, as `submit` does
     agent = stub_agent(tmp_path)
     service = AgentService(agent)
-    asked, foreign = os.urandom(16), os.urandom(16)
-    mark_asked(tmp_path / "results", asked)  # as `submit` does before the request is sent
     listener = service.deliveries()
     [on_ends] = agent.listeners
     # a (hostile) coordinator names bank-1 as requester of a round it never asked for

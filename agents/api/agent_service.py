@@ -14,6 +14,7 @@ assignment naming it as requester of a round it never asked for leaves nothing o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -77,6 +78,8 @@ class AgentService:
         self._removing: asyncio.Future[None] | None = None
         self._left_over = load_records(self.records, self.me, self.log)
         self._recorded = {d.round_id for d in self._left_over}  # ends on disk
+        # rounds asked here, by their `.asked` markers: read once at start, then kept in step
+        self._marked = marked_rounds(self.records)
         self.delivered = 0
         agent.listeners.append(self._on_ends)
 
@@ -96,12 +99,14 @@ class AgentService:
         self._asked[round_id] = (ids, tokens)
         try:
             await asyncio.to_thread(mark_asked, self.records, round_id)
+            self._marked.add(round_id)
             result = await self.agent.submit(
                 round_id, tokens, participants=request.participants,
                 attributes=request.attributes, scope=request.scope,
                 min_holders=request.min_holders, timeout_s=request.deadline_s)
         except ValueError as exc:  # the protocol's own check of the request
             await asyncio.to_thread(remove_record, self.records, round_id)
+            self._marked.discard(round_id)
             raise Refused(ErrorCode.INVALID_FIELD, str(exc)) from exc
         finally:
             self._asked.pop(round_id, None)
@@ -110,6 +115,7 @@ class AgentService:
         if delivery is None:  # no answer from the coordinator: the agent's own abort
             delivery = Delivery(round_id, frozenset({Role.REQUESTER}), result, ids)
             await asyncio.to_thread(write_records, self.records, [delivery])
+            self._recorded.add(round_id)  # removed once a client has it, like any other
             self._fan_out(delivery)
         return delivery
 
@@ -124,6 +130,7 @@ class AgentService:
             batch, self._taken = self._taken, set()
             await asyncio.to_thread(remove_records, self.records, batch)
             self._recorded.difference_update(batch)
+            self._marked.difference_update(batch)
 
     async def removals(self) -> None:
         """Return once the records `taken` so far are off the disk."""
@@ -162,9 +169,7 @@ class AgentService:
     async def _on_ends(self, ends: Sequence[RoundEnd]) -> None:
         """Every round this institution took part in, as it ends: the results record first
         for those it asked for (in a thread), then to every `deliveries()` reader."""
-        asked = await asyncio.to_thread(
-            lambda: {e.result.round_id for e in ends if e.result.round_id in self._asked
-                     or asked_here(self.records, e.result.round_id)})
+        asked = {e.result.round_id for e in ends if e.result.round_id in self._marked}
         deliveries = [self._delivery(e, e.result.round_id in asked) for e in ends]
         mine = [d for d in deliveries if d.round_id in asked]
         if mine:
@@ -227,8 +232,13 @@ def mark_asked(directory: Path, round_id: bytes) -> None:
     _base(directory, round_id).with_suffix(".asked").touch()
 
 
-def asked_here(directory: Path, round_id: bytes) -> bool:
-    return _base(directory, round_id).with_suffix(".asked").exists()
+def marked_rounds(directory: Path) -> set[bytes]:
+    """The round ids of the `.asked` markers in `directory`."""
+    found = set()
+    for path in directory.glob("*.asked") if directory.is_dir() else []:
+        with contextlib.suppress(ValueError):  # a file not named by a round id: not ours
+            found.add(bytes.fromhex(path.stem))
+    return found
 
 
 def remove_record(directory: Path, round_id: bytes) -> None:
