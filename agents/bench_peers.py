@@ -7,8 +7,8 @@ does on tokens, is given to them for free. They sum the same columns a zerosum r
 value, against the plaintext sums.
 
 - MPyC (`mpyc`): an n-party MPC secure sum. One OS process per institution, connected over TCP on
-  localhost; each secret-shares its matrix (Shamir, threshold (n-1)//2, 64-bit secure integers)
-  and every party opens the sum.
+  localhost with mutually authenticated TLS; each secret-shares its matrix (Shamir, threshold
+  (n-1)//2, 64-bit secure integers) and every party opens the sum.
 - TenSEAL BFV (`tenseal`): the key holder makes a BFV context and gives its public part to the
   institutions; each institution, in its own worker process, encrypts its matrix in batched
   ciphertexts (one slot per value); an aggregator adds them homomorphically and the key holder
@@ -228,7 +228,7 @@ async def peers(inputs: list[Matrix], zerosum_seconds: float, say: Say) -> dict[
     customers, width = inputs[0].shape
     out: dict[str, Any] = {"customers": customers, "columns": width,
                            "institutions": len(inputs), "zerosum_s": zerosum_seconds}
-    say(f"  MPyC: {len(inputs)} processes over TCP on localhost")
+    say(f"  MPyC: {len(inputs)} processes over TLS on localhost")
     out["mpyc"] = await mpyc_sum(inputs)
     say("  TenSEAL BFV: encryption in worker processes, addition, decryption")
     out["tenseal"] = await asyncio.to_thread(tenseal_sum, inputs)
