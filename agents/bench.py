@@ -31,9 +31,9 @@ import msgpack
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from agents.agent import ensure_topics, read_to_end
 from agents.config import load_party
 from agents.kafka_admin import init_on_broker
+from agents.kafka_bus import ensure_topics, read_to_end
 from agents.kafka_client import quiet_aiokafka
 from agents.run import agents_in_process, party_configs, request_round
 from agents.security import KafkaAccess, as_access

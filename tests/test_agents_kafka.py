@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.agent import Agent, read_to_end
+from agents.agent import Agent
 from agents.config import load_party
 from agents.demo import plaintext
+from agents.kafka_bus import read_to_end
 from agents.run import agents_in_process, party_configs
 from agents.security import KafkaAccess
 from protocol.errors import AbortReason

@@ -14,12 +14,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agents.agent import Agent, read_to_end
+from agents.agent import Agent
 from agents.audit import read_and_audit
 from agents.bench import AgentProcess
 from agents.cluster import LocalCluster
 from agents.config import load_consortium, load_party
 from agents.demo import plaintext
+from agents.kafka_bus import read_to_end
 from agents.outbox import Outbox
 from agents.security import KafkaAccess
 from protocol.envelope import Header

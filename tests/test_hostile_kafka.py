@@ -12,8 +12,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from agents.agent import Agent, read_to_end
+from agents.agent import Agent
 from agents.config import load_party
+from agents.kafka_bus import read_to_end
 from agents.security import KafkaAccess
 from protocol.codec import encode
 from protocol.driver import keys_for
