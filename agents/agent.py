@@ -21,13 +21,14 @@ import dataclasses
 import importlib.metadata
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
 from agents.bus import Bus, Reader, Stopping
+from agents.clock import Clock, SystemClock
 from agents.config import ConfigError, ConsortiumFile, PartyConfig
 from agents.data import Snapshot
 from agents.health import KafkaWatch
@@ -51,7 +52,6 @@ from protocol.party import (
 from protocol.tokens import Tokens
 
 SUBMIT_MARGIN_S = 30.0  # past a round's deadline, how long `submit` waits for the abort
-Clock = Callable[[], float]  # seconds since the epoch
 FETCH_WAIT_S = 0.2  # how long one fetch of the inbox waits for records (then `stop()` is seen)
 
 
@@ -114,10 +114,10 @@ class Stats:
 class Agent:
     """A coordinator or institution agent. `run()` until `stop()`."""
 
-    def __init__(self, cfg: PartyConfig, *, bus: Bus | None = None, clock: Clock = time.time,
+    def __init__(self, cfg: PartyConfig, *, bus: Bus | None = None, clock: Clock | None = None,
                  log: logging.Logger | None = None) -> None:
         self.cfg = cfg
-        self.clock = clock
+        self.clock: Clock = clock or SystemClock()
         self.log = log or logging.getLogger(f"zerosum.{cfg.party}")
         self.outbox = Outbox(cfg.state_dir)
         self.ledger = RoundLedger(cfg.state_dir)
@@ -144,7 +144,7 @@ class Agent:
         self.snapshot: Snapshot | None = None
         self.party: CoordinatorParty | InstitutionParty
         self.metrics = AgentMetrics(cfg.party, "coordinator" if cfg.is_coordinator else
-                                    "institution", _version(), clock)
+                                    "institution", _version(), self.clock.now)
         self._data_seen = (0, 0)  # the snapshot's (loads, errors) the metrics have counted
         self.lag: int | None = None  # inbox records beyond what is handled, at the last fetch
         self.kafka_watch: KafkaWatch | None = None  # set by who runs it: brokers answering?
@@ -322,9 +322,12 @@ class Agent:
             return [Rejected(HandlingFailed(f"{type(exc).__name__}: {exc}"[:1024]))]
 
     async def _timer_loop(self) -> None:
+        """Each round's timer fires once the clock passes it. In between this waits on the
+        clock for the earliest timer, woken early when the timers change or the agent stops:
+        nothing here waits in real time but the clock itself."""
         while not self._stop.is_set():
-            now_ms = int(self.clock() * 1000)
-            due = [rid for rid, at in self.timers.items() if at <= now_ms]
+            now = self.clock.now()
+            due = [rid for rid, at in self.timers.items() if at / 1000 <= now]
             if due:
                 async with self._lock:
                     for rid in due:
@@ -336,13 +339,18 @@ class Agent:
                     except Stopping:
                         return
                 continue
-            wait = min((at - now_ms for at in self.timers.values()), default=1000) / 1000
             self._timers_changed.clear()
+            waits: set[asyncio.Future[object]] = {
+                asyncio.ensure_future(self._timers_changed.wait()),
+                asyncio.ensure_future(self._stop.wait())}
+            if self.timers:
+                waits.add(asyncio.ensure_future(
+                    self.clock.sleep_until(min(self.timers.values()) / 1000)))
             try:
-                async with asyncio.timeout(min(max(wait, 0.01), 1.0)):
-                    await self._timers_changed.wait()
-            except TimeoutError:
-                pass
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
 
     async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> None:
         """Return once `predicate()` holds after a batch of inputs; TimeoutError after
@@ -353,20 +361,24 @@ class Agent:
     # -- requests (institutions) -------------------------------------------------------------
     async def submit(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
                      attributes: tuple[str, ...], scope: Scope = Scope.INTERSECTION,
-                     min_holders: int = 1, timeout_s: float | None = None,
+                     min_holders: int = 1, deadline_s: float | None = None,
                      wait: bool = True,
                      deadline_ms: int | None = None) -> Outcome | Ended | None:
         """Ask the coordinator for a round; with `wait`, return its outcome or abort.
 
-        A fixed `deadline_ms` makes a repeated request (after a crash) identical to the first,
-        which the coordinator then takes as the same request."""
+        The round's deadline is `deadline_s` from now (default: the policy's `deadline_s`), or
+        `deadline_ms` (ms since the epoch): a fixed one makes a repeated request (after a
+        crash) identical to the first, which the coordinator then takes as the same request.
+        The wait is bounded: a coordinator that drops the request (a refused id, a bad
+        signature) never answers; SUBMIT_MARGIN_S past the deadline, on the agent's clock, this
+        returns a TIMEOUT abort of its own."""
         party = self.party
         if not isinstance(party, InstitutionParty):
             raise TypeError("only an institution requests rounds")
         self._refresh_consortium()
-        timeout_s = timeout_s or self.cfg.consortium.policy.deadline_s
         if deadline_ms is None:
-            deadline_ms = int((self.clock() + timeout_s) * 1000)
+            deadline_s = deadline_s or self.cfg.consortium.policy.deadline_s
+            deadline_ms = int((self.clock.now() + deadline_s) * 1000)
         fut: asyncio.Future[Outcome | Ended] = asyncio.get_running_loop().create_future()
         async with self._lock:
             request = party.request(round_id, query, participants=participants,
@@ -380,18 +392,20 @@ class Agent:
                       round_id.hex(), query.size, len(participants), scope)
         if not wait:
             return None
-        # bounded: a coordinator that drops the request (refused id, bad signature) never
-        # answers; the round's own deadline plus a margin ends the wait here
-        wait_s = max(deadline_ms / 1000 - self.clock(), 0) + SUBMIT_MARGIN_S
+        give_up = asyncio.ensure_future(
+            self.clock.sleep_until(deadline_ms / 1000 + SUBMIT_MARGIN_S))
         try:
-            async with asyncio.timeout(wait_s):
-                return await fut
-        except TimeoutError:
-            self.waiters.pop(round_id, None)
-            self.requested.discard(round_id)
-            return Ended(round_id, AbortReason.TIMEOUT,
-                         f"no answer from the coordinator {wait_s:.0f} s after the request "
-                         "(it may have refused the request without a reply)", ())
+            either: list[asyncio.Future[Any]] = [fut, give_up]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            give_up.cancel()
+        if fut.done():
+            return fut.result()
+        self.waiters.pop(round_id, None)
+        self.requested.discard(round_id)
+        return Ended(round_id, AbortReason.TIMEOUT,
+                     f"no answer from the coordinator {SUBMIT_MARGIN_S:.0f} s past the round's "
+                     "deadline (it may have refused the request without a reply)", ())
 
     # -- events ------------------------------------------------------------------------------
     def _refresh_data(self) -> None:
@@ -491,13 +505,13 @@ class Agent:
     def _bounded(self, timer: SetTimer) -> int:
         """The timer's time, at most `[policy] max_deadline_s` from now: a request (a hostile
         member's) cannot keep a round open at every party for ever with a far deadline."""
-        limit = int((self.clock() + self.cfg.consortium.policy.max_deadline_s) * 1000)
+        limit = int((self.clock.now() + self.cfg.consortium.policy.max_deadline_s) * 1000)
         if timer.at_ms <= limit:
             return timer.at_ms
         if not self._replaying:
             self.log.warning("round %s asks for a deadline %.0f s away; it ends within "
                              "max_deadline_s (%.0f s)", timer.round_id.hex(),
-                             timer.at_ms / 1000 - self.clock(),
+                             timer.at_ms / 1000 - self.clock.now(),
                              self.cfg.consortium.policy.max_deadline_s)
         return limit
 

@@ -345,7 +345,7 @@ async def small_rounds(bootstrap: KafkaAccess, *, rounds: int, in_flight: int, c
                     out = await banks[r % len(banks)].submit(
                         os.urandom(16), tokens, participants=parts,
                         attributes=("balance", "overdue_days"), scope=Scope.QUERY,
-                        timeout_s=60)
+                        deadline_s=60)
                     latencies.append(time.perf_counter() - t)
                     failures += not isinstance(out, Outcome)
 
@@ -451,7 +451,7 @@ async def paillier(bootstrap: KafkaAccess, *, customers: int, institutions: int,
             t1 = time.perf_counter()
             out = await b1.submit(os.urandom(16), tokens,
                                   participants=b1.cfg.consortium.institutions,
-                                  attributes=("balance",), scope=Scope.QUERY, timeout_s=120)
+                                  attributes=("balance",), scope=Scope.QUERY, deadline_s=120)
             zs_seconds = time.perf_counter() - t1
     zs_ok = isinstance(out, Outcome) and out.totals[:, 1].tolist() == want.tolist()
     res = {"customers": customers, "institutions": institutions, "key_bits": 2048,

@@ -49,7 +49,7 @@ async def stream(agents: dict[str, Agent], ids: list[str], n: int,
     parts = banks[0].cfg.consortium.institutions
     return list(await asyncio.gather(*(
         banks[r % 3].submit(os.urandom(16), tokens, participants=parts, attributes=ATTRS,
-                            scope=Scope.INTERSECTION, timeout_s=timeout_s) for r in range(n))))
+                            scope=Scope.INTERSECTION, deadline_s=timeout_s) for r in range(n))))
 
 
 async def mid_round(agent: Agent) -> None:

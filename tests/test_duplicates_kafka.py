@@ -66,7 +66,7 @@ async def test_duplicated_and_shuffled_deliveries_change_nothing(kafka_bootstrap
         dup = asyncio.create_task(_duplicate(kafka_bootstrap, topics, stop, random.Random(5)))
         outs = await asyncio.gather(*(
             b1.submit(os.urandom(16), tokenize(ids, key), participants=b1.cfg.consortium
-                      .institutions, attributes=ATTRS, scope=Scope.INTERSECTION, timeout_s=60)
+                      .institutions, attributes=ATTRS, scope=Scope.INTERSECTION, deadline_s=60)
             for _ in range(DUPLICATE_ROUNDS)))
         stop.set()
         copies = await dup
