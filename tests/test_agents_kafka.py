@@ -125,16 +125,6 @@ async def test_50_consecutive_and_20_concurrent_rounds(kafka_bootstrap: KafkaAcc
         assert agents["coordinator"].stats.aborted == 0
 
 
-async def test_a_silent_institution_times_out_by_name(kafka_bootstrap: KafkaAccess,
-                                                      tmp_path: Path) -> None:
-    d = make_consortium(tmp_path, kafka_bootstrap, 3)
-    async with running(d, skip=("bank-3",)) as agents:
-        out = await submit(agents["bank-1"], query_ids(d), deadline_s=3)
-        assert isinstance(out, Ended)
-        assert out.reason is AbortReason.TIMEOUT
-        assert "bank-3" in out.culprits
-
-
 async def test_raw_topics_hold_no_plaintext(kafka_bootstrap: KafkaAccess, tmp_path: Path) -> None:
     d = make_consortium(tmp_path, kafka_bootstrap, 3, customers=150)
     ids = query_ids(d, 150)
