@@ -298,7 +298,7 @@ class Agent:
             self.metrics.received.inc(len(records))
             self.metrics.received_bytes.inc(sum(len(r.value) for r in records))
             async with self._lock:
-                self._refresh_data()
+                await self._refresh_data()
                 for r in records:
                     self.stats.received += 1
                     self._handle(self._receive(r.value, r.offset))
@@ -408,10 +408,22 @@ class Agent:
                      "deadline (it may have refused the request without a reply)", ())
 
     # -- events ------------------------------------------------------------------------------
-    def _refresh_data(self) -> None:
+    async def _refresh_data(self) -> None:
+        """The consortium file and the data file, read again when they changed (between
+        batches of inputs). A changed data file is read and tokenised in a thread: a large
+        reload does not stall the event loop (the API, the timers, the other agents of the
+        process) while this agent holds its lock."""
         self._refresh_consortium()
-        if self.snapshot is not None and isinstance(self.party, InstitutionParty):
-            self.party.set_table(self.snapshot.refresh())
+        snap = self.snapshot
+        if snap is None or not isinstance(self.party, InstitutionParty):
+            return
+        try:
+            st = os.stat(snap.path)
+            changed = (st.st_mtime_ns, st.st_size) != snap.stamp
+        except OSError:
+            changed = True  # `refresh` says why, and keeps the last good snapshot
+        if changed:
+            self.party.set_table(await asyncio.to_thread(snap.refresh))
             self._count_data()
 
     def _count_data(self) -> None:

@@ -22,7 +22,7 @@ import msgpack
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from agents.agent import Agent, Failpoint, FailpointCrash, RoundEnd
+from agents.agent import SUBMIT_MARGIN_S, Agent, Failpoint, FailpointCrash, RoundEnd
 from agents.bus import Bus, MemoryBus
 from agents.clock import Clock, FakeClock, SystemClock
 from agents.config import PartyConfig
@@ -192,13 +192,17 @@ async def _copy_records(access: KafkaAccess, topics: list[str], stop: asyncio.Ev
     return copies
 
 
+def _memory_world(tmp_path: Path) -> World:
+    d = tmp_path / "consortium"
+    init_consortium(d, institutions=3, customers=150, bootstrap="memory:0",
+                    consortium=f"m{uuid.uuid4().hex[:10]}", insecure=True)
+    return World("memory", d, FakeClock(), None, deadline_s=3600, bus=MemoryBus())
+
+
 @pytest.fixture(params=BUSES)
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> World:
     if request.param == "memory":
-        d = tmp_path / "consortium"
-        init_consortium(d, institutions=3, customers=150, bootstrap="memory:0",
-                        consortium=f"m{uuid.uuid4().hex[:10]}", insecure=True)
-        return World("memory", d, FakeClock(), None, deadline_s=3600, bus=MemoryBus())
+        return _memory_world(tmp_path)
     access: KafkaAccess = request.getfixturevalue("kafka_bootstrap")
     d = make_consortium(tmp_path, access, 3, customers=150)
     return World("kafka", d, SystemClock(), access, deadline_s=5)
@@ -330,3 +334,26 @@ async def test_a_crash_between_produce_and_commit_sends_nothing_twice(world: Wor
     assert len(mine) > 0
     assert len({d for _, d in mine}) == len(mine)
     assert len({(h.recipient, h.round_id, h.kind, h.part) for h, _ in mine}) == len(mine)
+
+
+async def test_a_request_the_coordinator_never_gets_ends_its_wait_past_the_deadline(
+        tmp_path: Path) -> None:
+    """Memory only (the wait is the deadline plus SUBMIT_MARGIN_S): a coordinator that drops
+    a request without a reply leaves the requester's `submit` no answer to wait for; the
+    agent's clock bounds the wait."""
+    world = _memory_world(tmp_path)
+    assert world.bus is not None
+    coordinator = world.config("coordinator").topic
+    world.bus.deliver = lambda batch: [(t, v) for t, v in batch if t != coordinator]
+    sent = asyncio.Event()  # the request left bank-1 (and went nowhere)
+    world.bus.acked = lambda batch: sent.set()
+    async with running(world):
+        asking = asyncio.create_task(world.submit(query_ids(world.dir, 10)))
+        await asyncio.wait_for(sent.wait(), WAIT_S)
+        world.pass_time(world.deadline_s + SUBMIT_MARGIN_S - 1)
+        assert not asking.done()
+        world.pass_time(2)
+        out = await asking
+    assert isinstance(out, Ended), out
+    assert out.reason is AbortReason.TIMEOUT
+    assert "no answer from the coordinator" in out.detail
