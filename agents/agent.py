@@ -6,12 +6,13 @@ every envelope that the inputs before it caused is acknowledged by the broker (a
 idempotent producer); those envelopes are journaled on disk before they are produced
 (`Outbox`). On start the agent replays its inbox from the beginning: inputs below the saved
 position rebuild the rounds' state with their outputs suppressed (they are on the bus already);
-later inputs are processed normally. Deadlines come from an injected clock.
+later inputs are processed normally.
 
-Kafka away (a single broker down, a cluster without a majority) stops no loop: a produce that
-is not acknowledged is sent again with backoff, a fetch that fails is tried again. `stop()`
-ends those waits at once: what was journaled and not acknowledged is sent again on the next
-start, and the position stays where it was.
+The bus (`agents.bus.Bus`: Kafka, or the in-process one of the tests) and the clock
+(`agents.clock.Clock`: deadlines) are given to it; what differs between the coordinator and an
+institution is its role (`agents.roles`). `stop()` ends every wait for an absent bus at once:
+what was journaled and not acknowledged is sent again on the next start, and the position
+stays where it was.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from agents.ledger import RoundLedger
 from agents.metrics import AgentMetrics
 from agents.outbox import Outbox
 from agents.position import InboxPosition
+from agents.roles import CoordinatorRole, InstitutionRole, Role
 from protocol.envelope import Header, digest
 from protocol.errors import AbortReason, DuplicateEnvelope, HandlingFailed
 from protocol.machine import Ended, Outcome, Published, SetTimer
@@ -140,25 +142,12 @@ class Agent:
         self._progress = asyncio.Condition()  # notified after every batch of inputs
         self.failpoint = Failpoint.from_env()
         c = cfg.consortium
-        chain = self.outbox.load_chain()
-        self.snapshot: Snapshot | None = None
-        self.party: CoordinatorParty | InstitutionParty
-        self.metrics = AgentMetrics(cfg.party, "coordinator" if cfg.is_coordinator else
-                                    "institution", _version(), self.clock.now)
-        self._data_seen = (0, 0)  # the snapshot's (loads, errors) the metrics have counted
+        role = CoordinatorRole if cfg.is_coordinator else InstitutionRole
+        self.metrics = AgentMetrics(cfg.party, role.name, _version(), self.clock.now)
+        self.role: Role = role(cfg, self.outbox.load_chain(), self.metrics)
+        self.party: CoordinatorParty | InstitutionParty = self.role.party
         self.lag: int | None = None  # inbox records beyond what is handled, at the last fetch
         self.kafka_watch: KafkaWatch | None = None  # set by who runs it: brokers answering?
-        policy = c.round_policy()
-        if cfg.is_coordinator:
-            self.party = CoordinatorParty(cfg.keys, c.registry, c.id, policy, chain=chain)
-        else:
-            assert cfg.data is not None
-            assert cfg.consortium_key is not None
-            self.snapshot = Snapshot(cfg.data, c.attributes, cfg.consortium_key)
-            self.party = InstitutionParty(cfg.keys, c.registry, c.id, coordinator=c.coordinator,
-                                          table=self.snapshot.refresh(), policy=policy,
-                                          chain=chain)
-            self._count_data()
         self.party.ledger = self.ledger.load()
         self._consortium_file = ConsortiumFile(c)
         if bus is None:
@@ -167,6 +156,15 @@ class Agent:
             bus = KafkaBus(cfg.kafka, client_id=f"zerosum-{cfg.party}",
                            topics=[p.topic for p in c.registry.values()], log=self.log)
         self.bus: Bus = bus
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """An institution's data as last loaded (None for the coordinator)."""
+        return self.role.snapshot
+
+    @snapshot.setter
+    def snapshot(self, snapshot: Snapshot | None) -> None:
+        self.role.snapshot = snapshot
 
     @property
     def kafka_error(self) -> str | None:
@@ -372,9 +370,7 @@ class Agent:
         The wait is bounded: a coordinator that drops the request (a refused id, a bad
         signature) never answers; SUBMIT_MARGIN_S past the deadline, on the agent's clock, this
         returns a TIMEOUT abort of its own."""
-        party = self.party
-        if not isinstance(party, InstitutionParty):
-            raise TypeError("only an institution requests rounds")
+        party = self.role.requester()  # TypeError for the coordinator
         self._refresh_consortium()
         if deadline_ms is None:
             deadline_s = deadline_s or self.cfg.consortium.policy.deadline_s
@@ -409,31 +405,10 @@ class Agent:
 
     # -- events ------------------------------------------------------------------------------
     async def _refresh_data(self) -> None:
-        """The consortium file and the data file, read again when they changed (between
-        batches of inputs). A changed data file is read and tokenised in a thread: a large
-        reload does not stall the event loop (the API, the timers, the other agents of the
-        process) while this agent holds its lock."""
+        """The consortium file and (an institution's) data file, read again if they
+        changed."""
         self._refresh_consortium()
-        snap = self.snapshot
-        if snap is None or not isinstance(self.party, InstitutionParty):
-            return
-        try:
-            st = os.stat(snap.path)
-            changed = (st.st_mtime_ns, st.st_size) != snap.stamp
-        except OSError:
-            changed = True  # `refresh` says why, and keeps the last good snapshot
-        if changed:
-            self.party.set_table(await asyncio.to_thread(snap.refresh))
-            self._count_data()
-
-    def _count_data(self) -> None:
-        snap = self.snapshot
-        if snap is None or (snap.loads, snap.errors) == self._data_seen:
-            return
-        if snap.loads != self._data_seen[0] and snap.table is not None:
-            self.metrics.snapshot(len(snap.table))
-        self.metrics.data_errors.inc(snap.errors - self._data_seen[1])
-        self._data_seen = (snap.loads, snap.errors)
+        await self.role.refresh_data()
 
     def _refresh_consortium(self) -> None:
         """Parties added to or removed from consortium.toml, or a changed policy, take effect
@@ -457,9 +432,7 @@ class Agent:
         party.registry.clear()  # the dict the inbox shares: update it in place
         party.registry.update(new.registry)
         party.keyring = Keyring(self.cfg.keys, party.registry)
-        party.policy = new.round_policy()
-        if isinstance(party, InstitutionParty):
-            party.attributes = party.policy.attributes
+        self.role.set_policy(new.round_policy())
         self.log.info("consortium file reloaded: %d institutions (%s)",
                       len(new.institutions), ", ".join(new.institutions))
 
