@@ -31,9 +31,9 @@ import msgpack
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from agents.agent import ensure_topics, read_to_end
 from agents.config import load_party
 from agents.kafka_admin import init_on_broker
+from agents.kafka_bus import ensure_topics, read_to_end
 from agents.kafka_client import quiet_aiokafka
 from agents.run import agents_in_process, party_configs, request_round
 from agents.security import KafkaAccess, as_access
@@ -359,7 +359,7 @@ async def small_rounds(bootstrap: KafkaAccess, *, rounds: int, in_flight: int, c
                     out = await banks[r % len(banks)].submit(
                         os.urandom(16), tokens, participants=parts,
                         attributes=("balance", "overdue_days"), scope=Scope.QUERY,
-                        timeout_s=60)
+                        deadline_s=60)
                     latencies.append(time.perf_counter() - t)
                     failures += not isinstance(out, Outcome)
 
@@ -465,7 +465,7 @@ async def paillier(bootstrap: KafkaAccess, *, customers: int, institutions: int,
             t1 = time.perf_counter()
             out = await b1.submit(os.urandom(16), tokens,
                                   participants=b1.cfg.consortium.institutions,
-                                  attributes=("balance",), scope=Scope.QUERY, timeout_s=120)
+                                  attributes=("balance",), scope=Scope.QUERY, deadline_s=120)
             zs_seconds = time.perf_counter() - t1
     zs_ok = isinstance(out, Outcome) and out.totals[:, 1].tolist() == want.tolist()
     res = {"customers": customers, "institutions": institutions, "key_bits": 2048,

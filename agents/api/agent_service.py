@@ -103,7 +103,7 @@ class AgentService:
             result = await self.agent.submit(
                 round_id, tokens, participants=request.participants,
                 attributes=request.attributes, scope=request.scope,
-                min_holders=request.min_holders, timeout_s=request.deadline_s)
+                min_holders=request.min_holders, deadline_s=request.deadline_s)
         except ValueError as exc:  # the protocol's own check of the request
             await asyncio.to_thread(remove_record, self.records, round_id)
             self._marked.discard(round_id)
