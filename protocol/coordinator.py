@@ -101,8 +101,8 @@ class CoordinatorRound(RoundMachine):
     def leader(self) -> str:
         return self.assignment.leader if self.assignment else ""
 
-    def may_send(self, sender: str) -> bool:
-        return self.assignment is None or sender in self.assignment.participants
+    def senders(self) -> frozenset[str] | None:
+        return None if self.assignment is None else frozenset(self.assignment.participants)
 
     def missing(self) -> tuple[str, ...]:
         """Participants whose message the round still waits for."""

@@ -47,6 +47,7 @@ from protocol.errors import (
     EquivocationError,
     MalformedMessage,
     MessageTooLarge,
+    PartialExpired,
     QuotaExceeded,
     ReplayedEnvelope,
     UnknownSender,
@@ -353,13 +354,17 @@ class Inbox:
         self._senders: dict[str, _SenderState] = {}
         self._parts: dict[tuple[str, int], dict[int, tuple[Header, bytes]]] = {}
         self._buffered: dict[str, int] = {}  # bytes of unfinished messages, per sender
+        self._arrived: dict[tuple[str, int], int] = {}  # inbox position of a message's 1st part
+        self._at = 0
 
-    def receive(self, wire: bytes) -> Delivery | None:
-        """One envelope in; a Delivery when it completes a message, None while parts are due.
+    def receive(self, wire: bytes, at: int = 0) -> Delivery | None:
+        """One envelope in, read at inbox position `at`; a Delivery when it completes a
+        message, None while parts are due.
 
         Raises an EnvelopeError subclass (or CodecError for a malformed one); a harmless exact
         duplicate raises DuplicateEnvelope so the caller can count it.
         """
+        self._at = at
         v = verify(wire, self.registry, self.consortium)
         h = v.header
         if h.recipient != self.me.party_id:
@@ -410,6 +415,7 @@ class Inbox:
                 raise QuotaExceeded(f"{h.sender!r} has {open_here} unfinished chunked "
                                     "messages already", sender=h.sender)
             parts = self._parts[key] = {}
+            self._arrived[key] = self._at
         if parts:
             h0 = next(iter(parts.values()))[0]
             if (h0.round_id, h0.kind, h0.parts) != (h.round_id, h.kind, h.parts):
@@ -429,6 +435,7 @@ class Inbox:
         return Delivery(h.sender, h.round_id, h.kind, body, first, last)
 
     def _drop(self, key: tuple[str, int]) -> None:
+        self._arrived.pop(key, None)
         parts = self._parts.pop(key, {})
         sender = key[0]
         left = self._buffered.get(sender, 0) - sum(len(c) for _, c in parts.values())
@@ -447,6 +454,41 @@ class Inbox:
     def unfinished(self) -> int:
         """Bytes held for unfinished chunked messages, all senders together."""
         return sum(self._buffered.values())
+
+    def partial(self) -> bool:
+        """Whether a chunked message is half read (then the inbox cannot be snapshotted)."""
+        return bool(self._parts)
+
+    def expire_partials(self, oldest: int) -> list[PartialExpired]:
+        """Drop every unfinished chunked message whose first part arrived before inbox
+        position `oldest`: a lone part from a hostile sender cannot be held for ever (and
+        keep the party from a quiescent state); one error per message dropped."""
+        stale = [k for k, at in self._arrived.items() if at < oldest]
+        errors = []
+        for sender, first in stale:
+            parts = self._parts.get((sender, first), {})
+            h0 = next(iter(parts.values()))[0] if parts else None
+            what = (f"{h0.kind.name} of round {h0.round_id.hex()}, {len(parts)} of {h0.parts} "
+                    "parts") if h0 else "no part"
+            errors.append(PartialExpired(
+                f"chunked message {first} of {sender!r} ({what}) unfinished since inbox "
+                f"position {self._arrived[(sender, first)]}; dropped", sender=sender))
+            self._drop((sender, first))
+        return errors
+
+    def sequences(self) -> dict[str, tuple[int, list[tuple[int, bytes, bytes]]]]:
+        """Per sender: the highest seq seen and the window of (seq, digest, prev) seen, in the
+        order they were seen (the oldest leaves the window first). What a replay would
+        rebuild, and what tells duplicates, forks and gaps; for a snapshot."""
+        return {name: (st.last_seq, [(seq, d, p) for seq, (d, p) in st.seen.items()])
+                for name, st in self._senders.items()}
+
+    def restore_sequences(self,
+                          state: dict[str, tuple[int, list[tuple[int, bytes, bytes]]]]) -> None:
+        """Take `sequences()`'s state (a snapshot's) instead of what is held."""
+        self._senders = {
+            name: _SenderState(last, OrderedDict((seq, (d, p)) for seq, d, p in seen))
+            for name, (last, seen) in state.items()}
 
 
 def private_party(party_id: str, *, signing_seed: bytes, kem: KemKind, kem_private: bytes,

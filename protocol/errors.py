@@ -153,6 +153,11 @@ class ChunkError(EnvelopeError):
     pass
 
 
+class PartialExpired(ChunkError):
+    """A chunked message still unfinished `expire_after` inbox positions after its first part
+    arrived: its parts are dropped, so that a lone part cannot hold the party's state open."""
+
+
 # -- rounds -----------------------------------------------------------------------------------
 class RoundError(RemoteProtocolError):
     pass
@@ -191,6 +196,24 @@ class QuotaExceeded(EnvelopeError):
 
 class UnexpectedMessage(RoundError):
     reason = AbortReason.UNEXPECTED_MESSAGE
+
+
+class EarlyExpired(RoundError):
+    """A message kept for a round not open here (a leader's share that overtook the
+    assignment) whose round did not open within `expire_after` inbox positions: dropped."""
+
+    reason = AbortReason.WRONG_ROUND
+
+
+# -- snapshots --------------------------------------------------------------------------------
+class NotQuiescent(LocalProtocolError):
+    """A snapshot was asked for while a round runs, a message waits for its round or a chunked
+    message is half read: only a quiescent party can be snapshotted."""
+
+
+class SnapshotError(ZerosumError):
+    """Bytes that are not a usable snapshot of this party (corrupt, foreign, another version,
+    or taken under another configuration): restore nothing, replay the inbox instead."""
 
 
 # -- values -----------------------------------------------------------------------------------

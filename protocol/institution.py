@@ -105,9 +105,9 @@ class InstitutionRound(RoundMachine):
         self.digest = b""  # the assignment's digest
         self.tokens: Tokens | None = None  # tokens of I, in row order
 
-    def may_send(self, sender: str) -> bool:
+    def senders(self) -> frozenset[str] | None:
         a = self.assignment
-        return sender == self.ctx.coordinator or a is None or sender in a.participants
+        return None if a is None else frozenset((self.ctx.coordinator, *a.participants))
 
     def abort(self, reason: AbortReason, detail: str,
               culprits: tuple[str, ...] = ()) -> list[Output]:

@@ -25,6 +25,9 @@ from protocol.messages import MaskMode
 
 DEFAULT_MAX_QUERY = 10_000_000
 DEFAULT_DIFFERENCE_WINDOW = 10_000
+# inbox positions after which a message held outside any round (an early leader share, the
+# parts of an unfinished chunked message) is dropped, so every party reaches a quiescent state
+DEFAULT_EXPIRE_AFTER = 10_000
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,15 @@ class ConsortiumPolicy:
     max_query: int = DEFAULT_MAX_QUERY
     difference_window: int = DEFAULT_DIFFERENCE_WINDOW
     masks: MaskMode = MaskMode.DEALT
+    expire_after: int = DEFAULT_EXPIRE_AFTER
 
     def __post_init__(self) -> None:
         if self.min_participants < 0 or self.min_holders < 1 or self.max_query < 1:
             raise ValueError("policy: min_participants >= 0, min_holders >= 1, max_query >= 1")
         if self.difference_window < 0:
             raise ValueError("policy: difference_window >= 0")
+        if self.expire_after < 1:
+            raise ValueError("policy: expire_after >= 1")
 
     @property
     def participants_floor(self) -> int:
@@ -134,3 +140,13 @@ class DifferencingGuard:
     def record(self, participants: tuple[str, ...]) -> None:
         if self.window:
             self._sets.append(frozenset(participants))
+
+    def sets(self) -> list[frozenset[str]]:
+        """The participant sets held, oldest first (for a snapshot)."""
+        return list(self._sets)
+
+    def restore(self, sets: list[frozenset[str]]) -> None:
+        """Hold exactly `sets` (a snapshot's, oldest first) instead of what is held."""
+        self._sets.clear()
+        if self.window:
+            self._sets.extend(sets)
