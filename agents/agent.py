@@ -41,8 +41,8 @@ from aiokafka.errors import (
 )
 
 from agents.broker import broker_config_dir, read_properties
-from agents.config import ConfigError, ConsortiumFile, PartyConfig
-from agents.data import Snapshot
+from agents.config import ConfigError, PartyConfig, PartyFiles
+from agents.data import DataFileError, Snapshot
 from agents.health import KafkaWatch
 from agents.kafka_client import prepare_topics, seek_to_read
 from agents.ledger import RoundLedger
@@ -59,7 +59,6 @@ from protocol.party import (
     CoordinatorParty,
     Event,
     InstitutionParty,
-    Keyring,
     Outgoing,
     Rejected,
     RoundOpened,
@@ -213,13 +212,15 @@ class Agent:
         else:
             assert cfg.data is not None
             assert cfg.consortium_key is not None
-            self.snapshot = Snapshot(cfg.data, c.attributes, cfg.consortium_key)
+            self.snapshot = Snapshot(cfg.data, c.attributes, cfg.consortium_key,
+                                     epoch=cfg.token_epoch, earlier_keys=cfg.earlier_token_keys)
             self.party = InstitutionParty(cfg.keys, c.registry, c.id, coordinator=c.coordinator,
                                           table=self.snapshot.refresh(), policy=policy,
                                           chain=chain)
+            self.party.set_table(self.snapshot.refresh(), cfg.token_epoch, self.snapshot.earlier)
             self._count_data()
         self.party.ledger = self.ledger.load()
-        self._consortium_file = ConsortiumFile(c)
+        self._party_files = PartyFiles(cfg)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -533,15 +534,18 @@ class Agent:
     async def submit(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
                      attributes: tuple[str, ...], scope: Scope = Scope.INTERSECTION,
                      min_holders: int = 1, timeout_s: float | None = None,
-                     wait: bool = True,
-                     deadline_ms: int | None = None) -> Outcome | Ended | None:
+                     wait: bool = True, deadline_ms: int | None = None,
+                     token_epoch: int | None = None) -> Outcome | Ended | None:
         """Ask the coordinator for a round; with `wait`, return its outcome or abort.
 
         A fixed `deadline_ms` makes a repeated request (after a crash) identical to the first,
-        which the coordinator then takes as the same request."""
+        which the coordinator then takes as the same request. `query` is under the token key
+        of `token_epoch` (default: `cfg.consortium_key`'s, as of the call)."""
         party = self.party
         if not isinstance(party, InstitutionParty):
             raise TypeError("only an institution requests rounds")
+        if token_epoch is None:  # before a reload: the key the caller just tokenized with
+            token_epoch = self.cfg.token_epoch
         self._refresh_consortium()
         timeout_s = timeout_s or self.cfg.consortium.policy.deadline_s
         if deadline_ms is None:
@@ -550,7 +554,8 @@ class Agent:
         async with self._lock:
             request = party.request(round_id, query, participants=participants,
                                     attributes=attributes, deadline_ms=deadline_ms,
-                                    scope=scope, min_holders=min_holders)  # or ValueError
+                                    scope=scope, min_holders=min_holders,
+                                    token_epoch=token_epoch)  # or ValueError
             self.waiters[round_id] = fut
             self.requested.add(round_id)
             self._handle(request)
@@ -576,7 +581,8 @@ class Agent:
     def _refresh_data(self) -> None:
         self._refresh_consortium()
         if self.snapshot is not None and isinstance(self.party, InstitutionParty):
-            self.party.set_table(self.snapshot.refresh())
+            self.party.set_table(self.snapshot.refresh(), self.snapshot.epoch,
+                                 self.snapshot.earlier)
             self._count_data()
 
     def _count_data(self) -> None:
@@ -589,32 +595,45 @@ class Agent:
         self._data_seen = (snap.loads, snap.errors)
 
     def _refresh_consortium(self) -> None:
-        """Parties added to or removed from consortium.toml, or a changed policy, take effect
-        for rounds that start from now on, without a restart (rounds in flight keep their
-        assignment)."""
+        """Parties added to or removed from consortium.toml, a changed policy, rotated keys
+        (anyone's; this party's own private keys of the epoch the file lists) and, at an
+        institution, a rotated token key take effect for rounds that start from now on,
+        without a restart (rounds in flight keep their assignment, and past key epochs in
+        their grace still verify and open)."""
         try:
-            new = self._consortium_file.refresh()
+            cfg = self._party_files.refresh()
         except ConfigError as exc:
-            self.log.error("%s; keeping the consortium as it was", exc)
+            self.log.error("%s; keeping the consortium and keys as they were", exc)
             return
-        if new is None:
+        if cfg is None:
             return
-        me = new.registry.get(self.cfg.party)
-        if me is None or me.signing_key != self.cfg.consortium.registry[self.cfg.party].signing_key:
-            self.log.error("%s no longer lists %s with its keys; keeping the consortium as it "
-                           "was", new.path, self.cfg.party)
-            self._consortium_file.current = self.cfg.consortium
-            return
-        self.cfg = dataclasses.replace(self.cfg, consortium=new)
+        if self.snapshot is not None and cfg.consortium_key is not None and (
+                cfg.token_epoch, cfg.earlier_token_keys.keys()) != (
+                self.snapshot.epoch, self.snapshot.earlier_keys.keys()):
+            try:
+                self.snapshot.rekey(cfg.token_epoch, cfg.consortium_key,
+                                    cfg.earlier_token_keys)
+            except DataFileError as exc:
+                self.log.error("%s; keeping token key epoch %d", exc, self.snapshot.epoch)
+                cfg = dataclasses.replace(cfg, consortium_key=self.cfg.consortium_key,
+                                          token_epoch=self.cfg.token_epoch,
+                                          earlier_token_keys=self.cfg.earlier_token_keys)
+                self._party_files.cfg = cfg
+        new = cfg.consortium
+        self.cfg = cfg
         party = self.party
         party.registry.clear()  # the dict the inbox shares: update it in place
         party.registry.update(new.registry)
-        party.keyring = Keyring(self.cfg.keys, party.registry)
+        party.rekey(cfg.keys)
         party.policy = new.round_policy()
         if isinstance(party, InstitutionParty):
             party.attributes = party.policy.attributes
-        self.log.info("consortium file reloaded: %d institutions (%s)",
-                      len(new.institutions), ", ".join(new.institutions))
+            if self.snapshot is not None and self.snapshot.table is not None:
+                party.set_table(self.snapshot.table, self.snapshot.epoch, self.snapshot.earlier)
+        self.log.info("consortium file reloaded: %d institutions (%s); key epoch %d%s",
+                      len(new.institutions), ", ".join(new.institutions), cfg.keys.epoch,
+                      "" if self.snapshot is None else
+                      f", token key epoch {self.snapshot.epoch}")
 
     def _handle(self, events: list[Event]) -> None:
         for e in events:

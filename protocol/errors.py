@@ -28,6 +28,7 @@ class AbortReason(IntEnum):
     POLICY = 13  # the round breaks the consortium's policy (floors, subsets)
     INCONSISTENT = 14  # a message computed on another assignment or other rows than the round's
     DIFFERENCING = 15  # two published totals could differ by one institution's values alone
+    TOKEN_EPOCH = 16  # the round's customer tokens are under a token key epoch not held here
 
 
 class ZerosumError(Exception):
@@ -108,6 +109,20 @@ class BadCiphertext(EnvelopeError):
 
 
 class UnknownSender(EnvelopeError):
+    reason = AbortReason.BAD_SIGNATURE
+
+
+class UnknownEpoch(EnvelopeError):
+    """An envelope signed with, or sealed to, a key epoch the receiver does not know or hold
+    (a consortium file not yet reloaded, or a key already destroyed)."""
+
+    reason = AbortReason.BAD_SIGNATURE
+
+
+class RetiredKey(EnvelopeError):
+    """An envelope under a retired key epoch: one the consortium file retired, or an older
+    epoch than its sender already signed with before it (an old key signs nothing new)."""
+
     reason = AbortReason.BAD_SIGNATURE
 
 

@@ -13,7 +13,8 @@ A share or query that arrives before the assignment is kept until the assignment
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import ClassVar
 
@@ -87,10 +88,18 @@ class InstitutionContext:
     signer: Signer
     guard: DifferencingGuard | None = None
     grace_ms: int = DEFAULT_GRACE_MS
+    token_epoch: int = 0  # the token key epoch of `table`
+    earlier_tables: Mapping[int, LocalTable] = field(default_factory=dict)  # by token epoch
 
     @property
     def attributes(self) -> dict[str, AttributeSpec]:
         return self.policy.attributes
+
+    def table_of(self, token_epoch: int) -> LocalTable | None:
+        """The data with tokens under the token key of `token_epoch`, None if not held."""
+        if token_epoch == self.token_epoch:
+            return self.table
+        return self.earlier_tables.get(token_epoch)
 
 
 class InstitutionRound(RoundMachine):
@@ -104,6 +113,7 @@ class InstitutionRound(RoundMachine):
         self.assignment: MaskAssignment | None = None
         self.digest = b""  # the assignment's digest
         self.tokens: Tokens | None = None  # tokens of I, in row order
+        self.table = ctx.table  # the data under the round's token epoch (set by its assignment)
 
     def may_send(self, sender: str) -> bool:
         a = self.assignment
@@ -145,12 +155,18 @@ class InstitutionRound(RoundMachine):
         if ctx.guard is not None and ctx.policy.allow_subsets and (
                 problem := ctx.guard.problem(a.participants)):
             return self._refuse(problem, AbortReason.DIFFERENCING, (ctx.coordinator,))
+        table = ctx.table_of(a.token_epoch)
+        if table is None:
+            return self._refuse(f"the round's tokens are under token key epoch "
+                                f"{a.token_epoch}, which this institution does not hold "
+                                f"(current: {ctx.token_epoch})", AbortReason.TOKEN_EPOCH)
+        self.table = table
         for spec in a.attributes:
             mine = ctx.attributes.get(spec.name)
             if mine != spec:
                 return self._refuse(f"attribute {spec.name!r} differs from the local "
                                     f"configuration ({mine} here, {spec} in the round)")
-            if spec.name not in ctx.table.columns:
+            if spec.name not in table.columns:
                 return self._refuse(f"the local data has no column {spec.name!r}")
         if ctx.guard is not None:
             ctx.guard.record(a.participants)
@@ -184,12 +200,12 @@ class InstitutionRound(RoundMachine):
             return self._refuse("the query does not match the round's assignment",
                                 AbortReason.INCONSISTENT, (ctx.coordinator,))
         if a.scope is Scope.INTERSECTION:
-            found, _ = ctx.table.locate(q.query)
+            found, _ = self.table.locate(q.query)
             tokens = q.query[found]
         else:
             tokens = q.query
         try:
-            values = ctx.table.aligned(tokens, self._names())
+            values = self.table.aligned(tokens, self._names())
         except DataError as exc:
             return self._refuse(str(exc))
         others = [p for p in a.participants if p != ctx.me]
@@ -233,7 +249,7 @@ class InstitutionRound(RoundMachine):
                                 f"{a.query_size} ({a.scope})", AbortReason.INVALID_SHAPE,
                                 (sender,))
         try:
-            x = ctx.table.aligned(s.tokens, self._names())
+            x = self.table.aligned(s.tokens, self._names())
         except DataError as exc:
             return self._refuse(str(exc))
         y = self._masked(x)

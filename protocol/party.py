@@ -74,14 +74,18 @@ class Keyring:
         return shared
 
     def verify(self, party: str, signature: bytes, statement: bytes) -> bool:
+        """With the party's current key, or a past one still in its grace (a statement signed
+        before the party rotated, in a round still in flight)."""
         peer = self._registry.get(party)
         if peer is None:
             return False
-        try:
-            peer.signing_key.verify(signature, statement)
-        except InvalidSignature:
-            return False
-        return True
+        for keys in (peer, *peer.in_grace()):
+            try:
+                keys.signing_key.verify(signature, statement)
+            except InvalidSignature:
+                continue
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class _Party:
         self._position = position
         self._envelope = b""
         self._opened = []
+        self.inbox.live = self.sealing
         try:
             try:
                 delivery = self.inbox.receive(wire)
@@ -156,6 +161,13 @@ class _Party:
             return [*self._opened, *events]
         finally:
             self._position = NO_POSITION
+
+    def rekey(self, me: PrivateParty) -> None:
+        """This party's keys rotated: sign and open with `me` from now on (it holds the KEM
+        keys of the past epochs still in their grace)."""
+        self.me = me
+        self.inbox.me = me
+        self.keyring = Keyring(me, self.registry)
 
     def _open(self, round_id: bytes, machine: RoundMachine, sender: str) -> RoundMachine:
         """Enter a new round in the ledger, or refuse an id that was used before."""
@@ -274,20 +286,27 @@ class InstitutionParty(_Party):
         self.grace_ms = grace_ms
         self.guard = DifferencingGuard(policy.difference_window)
         self._table = table
+        self._token_epoch = 0
+        self._earlier_tables: dict[int, LocalTable] = {}
         self._early: dict[str, deque[tuple[bytes, Message]]] = {}
 
     @property
     def table(self) -> LocalTable:
         return self._table
 
-    def set_table(self, table: LocalTable) -> None:
-        """A new data snapshot: used by rounds that start from now on."""
+    def set_table(self, table: LocalTable, token_epoch: int = 0,
+                  earlier: dict[int, LocalTable] | None = None) -> None:
+        """A new data snapshot, its tokens under the token key of `token_epoch`, and the same
+        data under the token keys of `earlier` epochs still held: used by rounds that start
+        from now on, each with the table of the token epoch its assignment names."""
         self._table = table
+        self._token_epoch = token_epoch
+        self._earlier_tables = dict(earlier or {})
 
     def _context(self) -> InstitutionContext:
         return InstitutionContext(self.me.party_id, self.coordinator, self.me.secret,
                                   self._table, self.policy, self.keyring, self.guard,
-                                  self.grace_ms)
+                                  self.grace_ms, self._token_epoch, self._earlier_tables)
 
     def _route(self, sender: str, msg: Message) -> list[Output]:
         if isinstance(msg, RoundRequest):
@@ -327,8 +346,9 @@ class InstitutionParty(_Party):
 
     def request(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
                 attributes: tuple[str, ...], deadline_ms: int, scope: Scope = Scope.INTERSECTION,
-                min_holders: int = 1) -> list[Event]:
-        """Ask the coordinator for a round (raises ValueError for an invalid request)."""
+                min_holders: int = 1, token_epoch: int = 0) -> list[Event]:
+        """Ask the coordinator for a round whose `query` tokens are under the token key of
+        `token_epoch` (raises ValueError for an invalid request)."""
         req = RoundRequest(round_id, self.me.party_id, participants, attributes, scope,
-                           min_holders, deadline_ms, query)
+                           min_holders, deadline_ms, query, token_epoch)
         return [self._seal(Send(self.coordinator, req))]
