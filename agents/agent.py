@@ -41,7 +41,7 @@ from aiokafka.errors import (
 )
 
 from agents.broker import broker_config_dir, read_properties
-from agents.config import ConfigError, PartyConfig, PartyFiles
+from agents.config import ConfigError, PartyConfig, PartyFiles, file_stamp
 from agents.data import DataFileError, Snapshot
 from agents.health import KafkaWatch
 from agents.kafka_client import prepare_topics, seek_to_read
@@ -49,6 +49,7 @@ from agents.ledger import RoundLedger
 from agents.metrics import AgentMetrics
 from agents.outbox import Outbox
 from agents.position import InboxPosition
+from agents.retired import RetiredEpochs, due
 from agents.security import KafkaAccess, as_access
 from protocol.audit import RESEND_HEADER
 from protocol.envelope import Header, digest
@@ -221,6 +222,14 @@ class Agent:
             self._count_data()
         self.party.ledger = self.ledger.load()
         self._party_files = PartyFiles(cfg)
+        # key epochs retired from an inbox position on: recorded before the inputs they
+        # refuse, given to the party before it replays anything
+        self.retired = RetiredEpochs(cfg.state_dir)
+        self._retired = self.retired.load()
+        for (who, epoch), since in self._retired.items():
+            self.party.retire(who, epoch, since)
+        self._live_from: int | None = None  # the first inbox position handled live
+        self._rekey_failed: tuple[object, ...] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -330,6 +339,7 @@ class Agent:
         # not committed (a crash between produce and commit): their envelopes are the
         # journaled ones, already re-sent above, never sealed a second time
         committed = max(await self._saved_position(tp), self.outbox.staged_through() + 1)
+        self.live_from(committed)
         start = (await self._consumer.beginning_offsets([tp]))[tp]
         self._consumer.seek(tp, start)
         if committed == 0:
@@ -599,28 +609,24 @@ class Agent:
         (anyone's; this party's own private keys of the epoch the file lists) and, at an
         institution, a rotated token key take effect for rounds that start from now on,
         without a restart (rounds in flight keep their assignment, and past key epochs in
-        their grace still verify and open)."""
+        their grace still verify and open). Past key epochs retired by the file or by the
+        clock are recorded from the next inbox position (`_record_retirements`)."""
         try:
             cfg = self._party_files.refresh()
         except ConfigError as exc:
             self.log.error("%s; keeping the consortium and keys as they were", exc)
-            return
-        if cfg is None:
-            return
-        if self.snapshot is not None and cfg.consortium_key is not None and (
-                cfg.token_epoch, cfg.earlier_token_keys.keys()) != (
-                self.snapshot.epoch, self.snapshot.earlier_keys.keys()):
-            try:
-                self.snapshot.rekey(cfg.token_epoch, cfg.consortium_key,
-                                    cfg.earlier_token_keys)
-            except DataFileError as exc:
-                self.log.error("%s; keeping token key epoch %d", exc, self.snapshot.epoch)
-                cfg = dataclasses.replace(cfg, consortium_key=self.cfg.consortium_key,
-                                          token_epoch=self.cfg.token_epoch,
-                                          earlier_token_keys=self.cfg.earlier_token_keys)
-                self._party_files.cfg = cfg
+            cfg = None
+        if cfg is not None:
+            self._reload(cfg)
+        self._rekey_tokens()
+        self._record_retirements()
+
+    def _reload(self, cfg: PartyConfig) -> None:
+        # the token keys in use stay until the data loads under the new ones (_rekey_tokens)
+        self.cfg = dataclasses.replace(cfg, consortium_key=self.cfg.consortium_key,
+                                       token_epoch=self.cfg.token_epoch,
+                                       earlier_token_keys=self.cfg.earlier_token_keys)
         new = cfg.consortium
-        self.cfg = cfg
         party = self.party
         party.registry.clear()  # the dict the inbox shares: update it in place
         party.registry.update(new.registry)
@@ -628,12 +634,60 @@ class Agent:
         party.policy = new.round_policy()
         if isinstance(party, InstitutionParty):
             party.attributes = party.policy.attributes
-            if self.snapshot is not None and self.snapshot.table is not None:
-                party.set_table(self.snapshot.table, self.snapshot.epoch, self.snapshot.earlier)
-        self.log.info("consortium file reloaded: %d institutions (%s); key epoch %d%s",
-                      len(new.institutions), ", ".join(new.institutions), cfg.keys.epoch,
-                      "" if self.snapshot is None else
-                      f", token key epoch {self.snapshot.epoch}")
+        self.log.info("consortium file reloaded: %d institutions (%s); key epoch %d",
+                      len(new.institutions), ", ".join(new.institutions), cfg.keys.epoch)
+
+    def _rekey_tokens(self) -> None:
+        """Take the token keys of the consortium key file on disk, tried again (whenever the
+        data file or the key file changed) until the data loads under them: a table is never
+        labelled with an epoch its tokens are not under."""
+        disk, snap = self._party_files.cfg, self.snapshot
+        if snap is None or disk.consortium_key is None or (
+                disk.token_epoch, disk.consortium_key, disk.earlier_token_keys) == (
+                snap.epoch, snap.key, snap.earlier_keys):
+            return
+        attempt = (disk.token_epoch, file_stamp(snap.path), file_stamp(disk.consortium_key_path))
+        if attempt == self._rekey_failed:
+            return
+        try:
+            snap.rekey(disk.token_epoch, disk.consortium_key, disk.earlier_token_keys)
+        except DataFileError as exc:
+            self._rekey_failed = attempt
+            self.log.error("%s; keeping token key epoch %d until the data file loads", exc,
+                           snap.epoch)
+            return
+        self._rekey_failed = None
+        self.cfg = dataclasses.replace(self.cfg, consortium_key=disk.consortium_key,
+                                       token_epoch=disk.token_epoch,
+                                       earlier_token_keys=disk.earlier_token_keys)
+        if isinstance(self.party, InstitutionParty) and snap.table is not None:
+            self.party.set_table(snap.table, snap.epoch, snap.earlier)
+        self.log.info("token key epoch %d", snap.epoch)
+
+    def live_from(self, position: int) -> None:
+        """Inputs from inbox `position` on are handled live (those below it are replayed):
+        retirements not recorded yet are recorded from there."""
+        self._live_from = position
+        self._record_retirements()
+
+    def _record_retirements(self) -> None:
+        """Past key epochs that the consortium file retires, or whose grace_until this
+        agent's clock has passed, are retired from the next inbox position: recorded in the
+        state directory (fsync'ed) before any further input is handled. Not before the agent
+        knows where its live input starts (`live_from`)."""
+        if self._live_from is None:
+            return
+        new = due(self.cfg.consortium, self.clock()) - self._retired.keys()
+        if not new:
+            return
+        since = max(self._live_from, self.party.next_position)
+        records = self._retired | {k: since for k in new}
+        self.retired.save(records)
+        self._retired = records
+        for who, epoch in sorted(new):
+            self.party.retire(who, epoch, since)
+            self.log.info("key epoch %d of %s retired from inbox position %d", epoch, who,
+                          since)
 
     def _handle(self, events: list[Event]) -> None:
         for e in events:

@@ -580,8 +580,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         raise CliError("name one of --party P or --token-key")
     try:
         if args.keys_cmd == "rotate":
-            done = (keys.rotate_party(args.config, args.party) if args.party
-                    else keys.rotate_token_key(args.config))
+            done = (keys.rotate_party(args.config, args.party, grace_s=args.grace)
+                    if args.party else keys.rotate_token_key(args.config))
         else:
             done = (keys.retire_party(args.config, args.party) if args.party
                     else keys.retire_token_keys(args.config))
@@ -600,7 +600,8 @@ def _add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ksub = p.add_subparsers(dest="keys_cmd", required=True, metavar="{rotate,retire}")
     for name, text in (
             ("rotate", "new keys as a new epoch; the previous epoch stays in its grace "
-                       "(rounds in flight finish), older ones are retired"),
+                       "until grace_until (rounds in flight finish), older ones are retired; "
+                       "run it again after a crash to complete it"),
             ("retire", "end the grace now: past epochs are refused from here on")):
         q = ksub.add_parser(name, help=text, description=text)
         q.add_argument("--config", type=Path, required=True, metavar="CONSORTIUM_TOML",
@@ -608,6 +609,11 @@ def _add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         q.add_argument("--party", help="the party whose signing and KEM keys rotate")
         q.add_argument("--token-key", action="store_true",
                        help="the institutions' consortium token key instead")
+        if name == "rotate":
+            q.add_argument("--grace", type=float, metavar="SECONDS",
+                           help="with --party: how long the previous epoch stays accepted "
+                           "(grace_until = now + SECONDS; default: the policy's "
+                           "max_deadline_s)")
         q.set_defaults(func=cmd_keys)
 
 

@@ -10,6 +10,7 @@ import os
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,9 @@ class Consortium:
     policy: Policy
     attributes: dict[str, AttributeSpec]
     registry: dict[str, PublicParty]
+    # (party, past key epoch) -> when its grace ends (POSIX seconds, from `grace_until`): an
+    # agent whose clock passes it records the epoch retired (`agents.retired`)
+    grace_until: dict[tuple[str, int], float] = field(default_factory=dict)
 
     @property
     def institutions(self) -> tuple[str, ...]:
@@ -185,27 +189,37 @@ def _epoch(table: dict[str, Any], where: str) -> int:
     return epoch
 
 
-def _party_entry(p: Any, where: str, name: str, topic: str) -> PublicParty:
+def _party_entry(p: Any, where: str, name: str, topic: str
+                 ) -> tuple[PublicParty, dict[int, float]]:
     """A [parties.<name>] entry: the current keys (`epoch`, 0 when absent) and, in
     [[parties.<name>.earlier]], the public keys of every past epoch (`retired = true`: no
-    longer accepted by a receiver; still what the audit verifies old envelopes with)."""
+    longer accepted by a receiver; still what the audit verifies old envelopes with;
+    `grace_until`, a date-time with its UTC offset: retired from then on), with the grace
+    ends by epoch."""
     p = _table(p, where, (*_ENTRY_FIELDS, "earlier"))
     earlier: list[PublicParty] = []
     retired: set[int] = set()
+    grace: dict[int, float] = {}
     for i, e in enumerate(_get(p, "earlier", list, where) if "earlier" in p else []):
         ewhere = f"{where} earlier #{i + 1}"
-        e = _table(e, ewhere, (*_ENTRY_FIELDS, "retired"))
+        e = _table(e, ewhere, (*_ENTRY_FIELDS, "retired", "grace_until"))
         if "epoch" not in e:
             raise ConfigError(f"{ewhere}: missing field 'epoch'")
         earlier.append(_public(e, ewhere, name, topic))
         if e.get("retired", False) is True:
             retired.add(earlier[-1].epoch)
+        if "grace_until" in e:
+            until = e["grace_until"]
+            if not isinstance(until, datetime) or until.tzinfo is None:
+                raise ConfigError(f"{ewhere}: field 'grace_until' must be a date-time with "
+                                  "its UTC offset (1979-05-27T07:32:00Z)")
+            grace[earlier[-1].epoch] = until.timestamp()
     current = _public(p, where, name, topic)
     epochs = [current.epoch, *(e.epoch for e in earlier)]
     if len(set(epochs)) != len(epochs) or any(e >= current.epoch for e in epochs[1:]):
         raise ConfigError(f"{where}: every earlier epoch must be distinct and below the "
                           f"current epoch {current.epoch}")
-    return replace(current, earlier=tuple(earlier), retired=frozenset(retired))
+    return replace(current, earlier=tuple(earlier), retired=frozenset(retired)), grace
 
 
 def _public(p: dict[str, Any], where: str, name: str, topic: str) -> PublicParty:
@@ -240,18 +254,20 @@ def load_consortium(path: Path) -> Consortium:
             raise ConfigError(f"{where}: {exc}") from exc
         attributes[name] = spec
     registry: dict[str, PublicParty] = {}
+    grace: dict[tuple[str, int], float] = {}
     for name, p in _get(raw, "parties", dict, w).items():
         where = f"{w} [parties.{name}]"
         try:
             check_party(name)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-        registry[name] = _party_entry(p, where, name, topic_for(cid, name))
+        registry[name], until = _party_entry(p, where, name, topic_for(cid, name))
+        grace.update({(name, e): t for e, t in until.items()})
     coordinator = _get(head, "coordinator", str, f"{w} [consortium]")
     if coordinator not in registry:
         raise ConfigError(f"{w}: coordinator {coordinator!r} has no [parties] entry")
     return Consortium(path, cid, _get(head, "bootstrap", str, f"{w} [consortium]"), coordinator,
-                      policy, attributes, registry)
+                      policy, attributes, registry, grace)
 
 
 MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with its NUL
@@ -393,7 +409,7 @@ class PartyConfig:
     state_dir: Path
     bootstrap: str
     log_format: str
-    consortium_key: bytes | None  # institutions only
+    consortium_key: bytes | None = field(repr=False)  # institutions only
     data: Path | None  # institutions only
     kafka: KafkaAccess  # bootstrap and, in secure mode, the party's SCRAM credential
     api: ApiConfig = ApiConfig()
@@ -427,9 +443,15 @@ def _check_private_file(path: Path) -> None:
 
 
 def archived_key(path: Path, epoch: int) -> Path:
-    """Where `zerosum keys rotate` keeps the private keys of a past `epoch` of the key file
-    `path` (`bank-1.key` -> `bank-1.epoch-0.key`), mode 600."""
+    """Where `zerosum keys rotate` keeps the KEM private key of a past `epoch` of the key file
+    `path` (`bank-1.key` -> `bank-1.epoch-0.key`), mode 600; never its signing seed."""
     return path.with_name(f"{path.stem}.epoch-{epoch}{path.suffix}")
+
+
+def pending_key(path: Path) -> Path:
+    """Where `zerosum keys rotate` writes the next epoch's keys before it lists them in the
+    consortium file, and from where it then replaces `path` (`bank-1.key.next`)."""
+    return path.with_name(f"{path.name}.next")
 
 
 def _archived_epochs(path: Path) -> list[int]:
@@ -454,7 +476,13 @@ def load_private_key(path: Path, party: str, epoch: int | None = None) -> Privat
     main = path
     raw, found = _private_file(path)
     if epoch is not None and epoch != found:
-        path = archived_key(main, epoch)
+        # a rotation between its steps: the consortium file lists the new keys already, the
+        # key file is replaced last (`agents.keys`)
+        if not pending_key(main).exists():
+            raise ConfigError(f"{main}: holds key epoch {found}, the consortium file lists "
+                              f"{party} at epoch {epoch} (an interrupted `zerosum keys "
+                              "rotate`: run it again; or a consortium file not yet updated)")
+        path = pending_key(main)
         raw, found = _private_file(path)
         if found != epoch:
             raise ConfigError(f"{path}: holds key epoch {found}, not {epoch}")
@@ -572,7 +600,7 @@ class ConsortiumFile:
         self._stamp = self._stat()
 
     def _stat(self) -> tuple[int, int, int] | None:
-        return _stamp(self.current.path)
+        return file_stamp(self.current.path)
 
     def refresh(self) -> Consortium | None:
         """The new consortium when the file changed and loads, else None. ConfigError when it
@@ -590,7 +618,7 @@ class ConsortiumFile:
         return new
 
 
-def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+def file_stamp(path: Path | None) -> tuple[int, int, int] | None:
     """What tells a file changed (a file replaced by a rename is a new inode)."""
     if path is None:
         return None
@@ -609,14 +637,14 @@ class PartyFiles:
     def __init__(self, cfg: PartyConfig) -> None:
         self.cfg = cfg
         self._consortium = ConsortiumFile(cfg.consortium)
-        self._tokens = _stamp(cfg.consortium_key_path)
+        self._tokens = file_stamp(cfg.consortium_key_path)
 
     def refresh(self) -> PartyConfig | None:
         """The party's configuration when one of the files changed and it loads, else None.
         ConfigError when a file changed but cannot be used: the caller logs it and keeps the
         last good configuration (which this then keeps too)."""
         new = self._consortium.refresh()
-        tokens = _stamp(self.cfg.consortium_key_path)
+        tokens = file_stamp(self.cfg.consortium_key_path)
         if new is None and tokens == self._tokens:
             return None
         self._tokens = tokens

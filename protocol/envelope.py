@@ -17,10 +17,19 @@ it was sealed to; version 1 (no epochs) is epoch 0 on both sides, and is still w
 writes while both epochs are 0, so the history of a consortium that never rotated reads as
 before. `verify` checks a signature with the sender's key of the named epoch (the registry keeps
 every epoch's public keys, so an audit verifies old envelopes); an epoch it does not know is
-`UnknownEpoch`. A receiver (`Inbox`) also refuses a retired epoch (`RetiredKey`): one the
-consortium file marks retired, or an older epoch than one it has already seen the same sender
-sign with, on an envelope sent after that (a later sequence number): once a sender is seen
-using its new key, its old key signs nothing new.
+`UnknownEpoch`. A receiver (`Inbox`) also refuses an old epoch (`RetiredKey`):
+- once it has seen the sender sign with a newer epoch: a sender's envelopes reach one inbox in
+  the order of its chain, so an older epoch after a newer one is not the sender's (an exact
+  duplicate of an envelope accepted before stays a harmless `DuplicateEnvelope`);
+- once the epoch is retired from the inbox position of the input: the agent records "P's
+  epoch E is retired from position N" when it loads a consortium file that retires it or when
+  its clock passes the epoch's `grace_until`, and calls `Inbox.retire`; inputs at positions
+  below N were handled before, and a replay of the inbox accepts them as the live run did.
+Until one of these happens, whoever holds a previous key (a thief included) can still sign
+with it: the grace is bounded by `grace_until` (see `zerosum keys rotate`), not by the
+rotation itself. Statements inside messages (attestations, endorsements; `party.Keyring`)
+are judged by the same positions, and by round: an old epoch only in a round opened here
+before the signer's newer epoch was seen (it may have signed before it rotated).
 
 HPKE: X25519 or ML-KEM-768+X25519 KEM, HKDF-SHA256, AES-256-GCM, from `cryptography`.
 
@@ -72,6 +81,8 @@ from protocol.messages import PROTOCOL_VERSION, ROUND_ID_BYTES, MessageKind
 ENVELOPE_VERSION = 1
 HEADER_EPOCHS = 2  # the header version that names key epochs; PROTOCOL_VERSION (1) does not
 MAX_EPOCH = 2**32 - 1
+NO_POSITION = -1  # an input that has no inbox position (not read from a topic)
+MAX_ROUND_FLOORS = 100_000  # rounds whose signers' key epochs at their opening are kept
 CHUNK_BYTES = 1024 * 1024 - 16 * 1024  # plaintext per part: an envelope stays under 1 MiB
 MAX_ENVELOPE_BYTES = 1024 * 1024
 MAX_PARTS = 1024
@@ -111,7 +122,9 @@ class PublicParty:
     agreement_key: x25519.X25519PublicKey | None = None
     epoch: int = 0  # of these keys; `earlier` holds the public keys of the party's past epochs
     earlier: tuple[PublicParty, ...] = ()
-    retired: frozenset[int] = frozenset()  # past epochs a receiver refuses (audits still verify)
+    # past epochs the consortium file marks retired: a party's agent records each from an
+    # inbox position (`Inbox.retire`); only that record refuses anything (audits still verify)
+    retired: frozenset[int] = frozenset()
 
     def agreement(self) -> x25519.X25519PublicKey:
         if self.agreement_key is not None:
@@ -125,11 +138,6 @@ class PublicParty:
         if epoch == self.epoch:
             return self
         return next((p for p in self.earlier if p.epoch == epoch), None)
-
-    def in_grace(self) -> tuple[PublicParty, ...]:
-        """The keys of every past epoch that is not retired: still accepted, for the rounds
-        in flight when the party rotated."""
-        return tuple(p for p in self.earlier if p.epoch not in self.retired)
 
 
 @dataclass(frozen=True)
@@ -395,9 +403,7 @@ class _SenderState:
     last_seq: int = -1
     # seq -> (digest of that envelope, its `prev`): enough to tell duplicates, forks and gaps
     seen: OrderedDict[int, tuple[bytes, bytes]] = field(default_factory=OrderedDict)
-    # the newest key epoch seen from this sender, and its lowest sequence number seen
-    epoch: int = 0
-    epoch_from: int = -1
+    epoch: int = 0  # the newest key epoch seen from this sender
 
 
 @dataclass(frozen=True)
@@ -424,44 +430,79 @@ class Inbox:
         self._senders: dict[str, _SenderState] = {}
         self._parts: dict[tuple[str, int], dict[int, tuple[Header, bytes]]] = {}
         self._buffered: dict[str, int] = {}  # bytes of unfinished messages, per sender
-        # False while an agent replays inputs it handled before: epochs the consortium file
-        # retired since are not refused then, so a replay rebuilds what was accepted live
-        self.live = True
+        # (party, key epoch) -> the first inbox position from which that epoch is refused
+        self.retired: dict[tuple[str, int], int] = {}
+        self.position = NO_POSITION  # of the input being handled
+        self.round_id = b""  # of the message being handled (for `signing_keys`)
+        # round id -> each sender's newest key epoch seen when the round opened here
+        self._floors: OrderedDict[bytes, dict[str, int]] = OrderedDict()
 
-    def receive(self, wire: bytes) -> Delivery | None:
-        """One envelope in; a Delivery when it completes a message, None while parts are due.
+    def retire(self, party: str, epoch: int, from_position: int) -> None:
+        """`party`'s key `epoch` is refused in inputs at `from_position` and after (the agent
+        recorded it durably; the first record of an epoch stands)."""
+        self.retired.setdefault((party, epoch), from_position)
+
+    def is_retired(self, party: str, epoch: int) -> bool:
+        """Whether `party`'s key `epoch` is retired at the position of the input in hand (an
+        input without a position: by every record)."""
+        since = self.retired.get((party, epoch))
+        return since is not None and (self.position == NO_POSITION or self.position >= since)
+
+    def open_round(self, round_id: bytes) -> None:
+        """A round opens here now: keep each sender's newest key epoch seen so far."""
+        self._floors[round_id] = {s: st.epoch for s, st in self._senders.items()}
+        self._floors.move_to_end(round_id)
+        while len(self._floors) > MAX_ROUND_FLOORS:
+            self._floors.popitem(last=False)
+
+    def signing_keys(self, party: PublicParty) -> tuple[PublicParty, ...]:
+        """The keys a statement of `party` inside a message of `round_id` may be signed with:
+        epochs not retired at this input's position, and none older than the newest epoch of
+        `party` seen when the round opened here (or now, for a round not opened here)."""
+        floors = self._floors.get(self.round_id)
+        if floors is not None:
+            floor = floors.get(party.party_id, 0)
+        else:
+            st = self._senders.get(party.party_id)
+            floor = 0 if st is None else st.epoch
+        return tuple(k for k in (party, *party.earlier)
+                     if k.epoch >= floor and not self.is_retired(party.party_id, k.epoch))
+
+    def receive(self, wire: bytes, position: int = NO_POSITION) -> Delivery | None:
+        """One envelope in, read at inbox `position`; a Delivery when it completes a message,
+        None while parts are due.
 
         Raises an EnvelopeError subclass (or CodecError for a malformed one); a harmless exact
         duplicate raises DuplicateEnvelope so the caller can count it.
         """
+        self.position = position
         v = verify(wire, self.registry, self.consortium)
         h = v.header
         if h.recipient != self.me.party_id:
             raise WrongRecipient(f"envelope for {h.recipient!r} reached {self.me.party_id!r}",
                                  sender=h.sender)
-        self._check_epochs(h)
+        self._check_epochs(h, v)
         self._check_sequence(h, v)
         chunk = open_sealed(self.me, v)
         if h.parts == 1:
             return Delivery(h.sender, h.round_id, h.kind, unpad(chunk), h.seq, v.digest)
         return self._reassemble(h, chunk, v.digest)
 
-    def _check_epochs(self, h: Header) -> None:
-        """RetiredKey for a retired key epoch of the sender or of this party (see the
-        module's docstring)."""
-        if self.live:
-            sender, me = self.registry[h.sender], self.registry.get(self.me.party_id)
-            if h.sender_epoch in sender.retired:
-                raise RetiredKey(f"{h.sender!r} signed with its retired key epoch "
-                                 f"{h.sender_epoch}", sender=h.sender)
-            if me is not None and h.recipient_epoch in me.retired:
-                raise RetiredKey(f"{h.sender!r} sealed to retired key epoch "
-                                 f"{h.recipient_epoch} of {self.me.party_id!r}",
-                                 sender=h.sender)
+    def _check_epochs(self, h: Header, v: Verified) -> None:
+        """RetiredKey for a retired key epoch of the sender or of this party, or an epoch of
+        the sender older than one seen before (see the module's docstring)."""
         st = self._senders.get(h.sender)
-        if st is not None and h.sender_epoch < st.epoch and h.seq > st.epoch_from:
+        if st is not None and (known := st.seen.get(h.seq)) is not None and known[0] == v.digest:
+            return  # an exact duplicate of an accepted envelope: counted as one, not refused
+        if self.is_retired(h.sender, h.sender_epoch):
+            raise RetiredKey(f"{h.sender!r} signed with its retired key epoch "
+                             f"{h.sender_epoch}", sender=h.sender)
+        if self.is_retired(self.me.party_id, h.recipient_epoch):
+            raise RetiredKey(f"{h.sender!r} sealed to retired key epoch {h.recipient_epoch} "
+                             f"of {self.me.party_id!r}", sender=h.sender)
+        if st is not None and h.sender_epoch < st.epoch:
             raise RetiredKey(f"envelope {h.seq} of {h.sender!r} is signed with key epoch "
-                             f"{h.sender_epoch}, after its envelope {st.epoch_from} with epoch "
+                             f"{h.sender_epoch}, after it was seen signing with epoch "
                              f"{st.epoch}", sender=h.sender)
 
     def _check_sequence(self, h: Header, v: Verified) -> None:
@@ -486,10 +527,7 @@ class Inbox:
                               sender=h.sender)
         st.seen[h.seq] = (v.digest, h.prev)
         st.last_seq = max(st.last_seq, h.seq)
-        if h.sender_epoch > st.epoch or st.epoch_from < 0:
-            st.epoch, st.epoch_from = h.sender_epoch, h.seq
-        elif h.sender_epoch == st.epoch:
-            st.epoch_from = min(st.epoch_from, h.seq)
+        st.epoch = max(st.epoch, h.sender_epoch)
         while len(st.seen) > SEQ_WINDOW:
             st.seen.popitem(last=False)
 

@@ -120,8 +120,9 @@ class UnknownEpoch(EnvelopeError):
 
 
 class RetiredKey(EnvelopeError):
-    """An envelope under a retired key epoch: one the consortium file retired, or an older
-    epoch than its sender already signed with before it (an old key signs nothing new)."""
+    """An envelope, or a statement inside a message, under a key epoch this party no longer
+    accepts: retired from the inbox position of the input (the agent's record), or older than
+    an epoch its sender has already been seen signing with."""
 
     reason = AbortReason.BAD_SIGNATURE
 

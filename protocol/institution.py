@@ -13,6 +13,7 @@ A share or query that arrives before the assignment is kept until the assignment
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -48,6 +49,7 @@ from protocol.messages import (
     MaskAssignment,
     MaskMode,
     RoundAbort,
+    RoundRequest,
     RoundResult,
     Scope,
 )
@@ -90,6 +92,8 @@ class InstitutionContext:
     grace_ms: int = DEFAULT_GRACE_MS
     token_epoch: int = 0  # the token key epoch of `table`
     earlier_tables: Mapping[int, LocalTable] = field(default_factory=dict)  # by token epoch
+    # round id -> the terms of the request this institution sent for it (`request_terms`)
+    requested: Mapping[bytes, RequestTerms] = field(default_factory=dict)
 
     @property
     def attributes(self) -> dict[str, AttributeSpec]:
@@ -100,6 +104,37 @@ class InstitutionContext:
         if token_epoch == self.token_epoch:
             return self.table
         return self.earlier_tables.get(token_epoch)
+
+
+@dataclass(frozen=True)
+class RequestTerms:
+    """What a requester asked for, as its round's assignment must repeat it."""
+
+    token_epoch: int
+    scope: Scope
+    participants: tuple[str, ...]
+    attributes: tuple[str, ...]
+    min_holders: int
+    deadline_ms: int
+    query_size: int
+    query_digest: bytes
+
+    def mismatch(self, a: MaskAssignment) -> str | None:
+        """The first term `a` does not repeat, described; None if it repeats them all."""
+        got = RequestTerms(a.token_epoch, a.scope, a.participants,
+                           tuple(s.name for s in a.attributes), a.min_holders, a.deadline_ms,
+                           a.query_size, a.query_digest)
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(got, f.name)
+            if mine != theirs:
+                return f"{f.name} is {theirs!r} in the assignment, {mine!r} in the request"
+        return None
+
+
+def request_terms(req: RoundRequest) -> RequestTerms:
+    return RequestTerms(req.token_epoch, req.scope, req.participants, req.attributes,
+                        req.min_holders, req.deadline_ms, int(req.query.size),
+                        query_digest(req.query))
 
 
 class InstitutionRound(RoundMachine):
@@ -149,6 +184,12 @@ class InstitutionRound(RoundMachine):
                                  attestation_statement(self.round_id, self.digest)):
             return self._refuse("the assignment's attestation does not verify",
                                 AbortReason.INCONSISTENT, coord)
+        asked = ctx.requested.get(self.round_id) if a.requester == ctx.me else None
+        if asked is not None and (problem := asked.mismatch(a)):
+            # a coordinator that changes a request (its token epoch, query, scope, ...) would
+            # otherwise hand back a result that answers another question
+            return self._refuse(f"the assignment of the round it asked for differs from its "
+                                f"request: {problem}", AbortReason.INCONSISTENT, coord)
         # the consortium's floors, checked against this institution's own copy
         if problem := ctx.policy.problem(a.participants, a.min_holders, a.query_size, a.masks):
             return self._refuse(problem, AbortReason.POLICY, (ctx.coordinator,))
