@@ -231,8 +231,9 @@ class Header:
         if not isinstance(raw, list) or not raw:
             raise MalformedMessage("header must be a list of fields", path="header")
         version = raw[0]
-        size = {PROTOCOL_VERSION: 10, HEADER_EPOCHS: 12}.get(version)
-        if size is None or isinstance(version, bool):
+        size = {PROTOCOL_VERSION: 10, HEADER_EPOCHS: 12}.get(version) \
+            if type(version) is int else None
+        if size is None:
             raise UnsupportedVersion(f"protocol version {version!r}", path="header.version")
         if len(raw) != size:
             raise MalformedMessage(f"a version {version} header has {size} fields",

@@ -46,6 +46,7 @@ from protocol.errors import (
     DuplicateEnvelope,
     RetiredKey,
     UnknownEpoch,
+    UnsupportedVersion,
 )
 from protocol.institution import InstitutionRound, request_terms
 from protocol.machine import Ended, Published
@@ -647,3 +648,11 @@ def test_a_coordinator_changing_the_token_epoch_is_named_by_the_requester() -> N
     ended = [e for e in requester.receive(wire) if isinstance(e, Ended)]
     assert [(e.reason, e.culprits) for e in ended] == [(AbortReason.INCONSISTENT,
                                                         (COORDINATOR,))]
+
+
+@pytest.mark.parametrize("version", [{}, [], 1.0, True, None, "1"])
+def test_a_header_version_of_another_type_is_a_typed_rejection(version: object) -> None:
+    """Found by tests/test_fuzz.py: an empty map as the version raised an untyped TypeError."""
+    fields = [version, "c", b"\x00" * 16, 1, "a", "b", 0, b"\x00" * 32, 0, 1]
+    with pytest.raises(UnsupportedVersion):
+        Header.decode(msgpack.packb(fields, use_bin_type=True))
