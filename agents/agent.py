@@ -30,13 +30,14 @@ import msgpack
 
 from agents.bus import Bus, Reader, Stopping
 from agents.clock import Clock, SystemClock
-from agents.config import ConfigError, ConsortiumFile, PartyConfig
-from agents.data import Snapshot
+from agents.config import ConfigError, PartyConfig, PartyFiles, file_stamp
+from agents.data import DataFileError, Snapshot
 from agents.health import KafkaWatch
 from agents.ledger import RoundLedger
 from agents.metrics import AgentMetrics
 from agents.outbox import Outbox
 from agents.position import InboxPosition
+from agents.retired import RetiredEpochs, due
 from agents.roles import CoordinatorRole, InstitutionRole, Role
 from protocol.envelope import Header, digest
 from protocol.errors import AbortReason, DuplicateEnvelope, HandlingFailed
@@ -46,7 +47,6 @@ from protocol.party import (
     CoordinatorParty,
     Event,
     InstitutionParty,
-    Keyring,
     Outgoing,
     Rejected,
     RoundOpened,
@@ -149,7 +149,15 @@ class Agent:
         self.lag: int | None = None  # inbox records beyond what is handled, at the last fetch
         self.kafka_watch: KafkaWatch | None = None  # set by who runs it: brokers answering?
         self.party.ledger = self.ledger.load()
-        self._consortium_file = ConsortiumFile(c)
+        self._party_files = PartyFiles(cfg)
+        # key epochs retired from an inbox position on: recorded before the inputs they
+        # refuse, given to the party before it replays anything
+        self.retired = RetiredEpochs(cfg.state_dir)
+        self._retired = self.retired.load()
+        for (who, epoch), since in self._retired.items():
+            self.party.retire(who, epoch, since)
+        self._live_from: int | None = None  # the first inbox position handled live
+        self._rekey_failed: tuple[object, ...] | None = None
         if bus is None:
             from agents.kafka_bus import KafkaBus  # aiokafka: only for an agent on Kafka
 
@@ -221,6 +229,7 @@ class Agent:
         # not committed (a crash between produce and commit): their envelopes are the
         # journaled ones, already re-sent above, never sealed a second time
         committed = max(await self._saved_position(), self.outbox.staged_through() + 1)
+        self.live_from(committed)
         if committed == 0:
             return
         self._replaying = True
@@ -360,17 +369,20 @@ class Agent:
     async def submit(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
                      attributes: tuple[str, ...], scope: Scope = Scope.INTERSECTION,
                      min_holders: int = 1, deadline_s: float | None = None,
-                     wait: bool = True,
-                     deadline_ms: int | None = None) -> Outcome | Ended | None:
+                     wait: bool = True, deadline_ms: int | None = None,
+                     token_epoch: int | None = None) -> Outcome | Ended | None:
         """Ask the coordinator for a round; with `wait`, return its outcome or abort.
 
         The round's deadline is `deadline_s` from now (default: the policy's `deadline_s`), or
         `deadline_ms` (ms since the epoch): a fixed one makes a repeated request (after a
         crash) identical to the first, which the coordinator then takes as the same request.
-        The wait is bounded: a coordinator that drops the request (a refused id, a bad
-        signature) never answers; SUBMIT_MARGIN_S past the deadline, on the agent's clock, this
-        returns a TIMEOUT abort of its own."""
+        `query` is under the token key of `token_epoch` (default: `cfg.consortium_key`'s, as
+        of the call). The wait is bounded: a coordinator that drops the request (a refused
+        id, a bad signature) never answers; SUBMIT_MARGIN_S past the deadline, on the agent's
+        clock, this returns a TIMEOUT abort of its own."""
         party = self.role.requester()  # TypeError for the coordinator
+        if token_epoch is None:  # before a reload: the key the caller just tokenized with
+            token_epoch = self.cfg.token_epoch
         self._refresh_consortium()
         if deadline_ms is None:
             deadline_s = deadline_s or self.cfg.consortium.policy.deadline_s
@@ -379,7 +391,8 @@ class Agent:
         async with self._lock:
             request = party.request(round_id, query, participants=participants,
                                     attributes=attributes, deadline_ms=deadline_ms,
-                                    scope=scope, min_holders=min_holders)  # or ValueError
+                                    scope=scope, min_holders=min_holders,
+                                    token_epoch=token_epoch)  # or ValueError
             self.waiters[round_id] = fut
             self.requested.add(round_id)
             self._handle(request)
@@ -411,30 +424,87 @@ class Agent:
         await self.role.refresh_data()
 
     def _refresh_consortium(self) -> None:
-        """Parties added to or removed from consortium.toml, or a changed policy, take effect
-        for rounds that start from now on, without a restart (rounds in flight keep their
-        assignment)."""
+        """Parties added to or removed from consortium.toml, a changed policy, rotated keys
+        (anyone's; this party's own private keys of the epoch the file lists) and, at an
+        institution, a rotated token key take effect for rounds that start from now on,
+        without a restart (rounds in flight keep their assignment, and past key epochs in
+        their grace still verify and open). Past key epochs retired by the file or by the
+        clock are recorded from the next inbox position (`_record_retirements`)."""
         try:
-            new = self._consortium_file.refresh()
+            cfg = self._party_files.refresh()
         except ConfigError as exc:
-            self.log.error("%s; keeping the consortium as it was", exc)
-            return
-        if new is None:
-            return
-        me = new.registry.get(self.cfg.party)
-        if me is None or me.signing_key != self.cfg.consortium.registry[self.cfg.party].signing_key:
-            self.log.error("%s no longer lists %s with its keys; keeping the consortium as it "
-                           "was", new.path, self.cfg.party)
-            self._consortium_file.current = self.cfg.consortium
-            return
-        self.cfg = dataclasses.replace(self.cfg, consortium=new)
+            self.log.error("%s; keeping the consortium and keys as they were", exc)
+            cfg = None
+        if cfg is not None:
+            self._reload(cfg)
+        self._rekey_tokens()
+        self._record_retirements()
+
+    def _reload(self, cfg: PartyConfig) -> None:
+        # the token keys in use stay until the data loads under the new ones (_rekey_tokens)
+        self.cfg = dataclasses.replace(cfg, consortium_key=self.cfg.consortium_key,
+                                       token_epoch=self.cfg.token_epoch,
+                                       earlier_token_keys=self.cfg.earlier_token_keys)
+        new = cfg.consortium
         party = self.party
         party.registry.clear()  # the dict the inbox shares: update it in place
         party.registry.update(new.registry)
-        party.keyring = Keyring(self.cfg.keys, party.registry)
+        party.rekey(cfg.keys)
         self.role.set_policy(new.round_policy())
-        self.log.info("consortium file reloaded: %d institutions (%s)",
-                      len(new.institutions), ", ".join(new.institutions))
+        self.log.info("consortium file reloaded: %d institutions (%s); key epoch %d",
+                      len(new.institutions), ", ".join(new.institutions), cfg.keys.epoch)
+
+    def _rekey_tokens(self) -> None:
+        """Take the token keys of the consortium key file on disk, tried again (whenever the
+        data file or the key file changed) until the data loads under them: a table is never
+        labelled with an epoch its tokens are not under."""
+        disk, snap = self._party_files.cfg, self.snapshot
+        if snap is None or disk.consortium_key is None or (
+                disk.token_epoch, disk.consortium_key, disk.earlier_token_keys) == (
+                snap.epoch, snap.key, snap.earlier_keys):
+            return
+        attempt = (disk.token_epoch, file_stamp(snap.path), file_stamp(disk.consortium_key_path))
+        if attempt == self._rekey_failed:
+            return
+        try:
+            snap.rekey(disk.token_epoch, disk.consortium_key, disk.earlier_token_keys)
+        except DataFileError as exc:
+            self._rekey_failed = attempt
+            self.log.error("%s; keeping token key epoch %d until the data file loads", exc,
+                           snap.epoch)
+            return
+        self._rekey_failed = None
+        self.cfg = dataclasses.replace(self.cfg, consortium_key=disk.consortium_key,
+                                       token_epoch=disk.token_epoch,
+                                       earlier_token_keys=disk.earlier_token_keys)
+        if isinstance(self.party, InstitutionParty) and snap.table is not None:
+            self.party.set_table(snap.table, snap.epoch, snap.earlier)
+        self.log.info("token key epoch %d", snap.epoch)
+
+    def live_from(self, position: int) -> None:
+        """Inputs from inbox `position` on are handled live (those below it are replayed):
+        retirements not recorded yet are recorded from there."""
+        self._live_from = position
+        self._record_retirements()
+
+    def _record_retirements(self) -> None:
+        """Past key epochs that the consortium file retires, or whose grace_until this
+        agent's clock has passed, are retired from the next inbox position: recorded in the
+        state directory (fsync'ed) before any further input is handled. Not before the agent
+        knows where its live input starts (`live_from`)."""
+        if self._live_from is None:
+            return
+        new = due(self.cfg.consortium, self.clock.now()) - self._retired.keys()
+        if not new:
+            return
+        since = max(self._live_from, self.party.next_position)
+        records = self._retired | {k: since for k in new}
+        self.retired.save(records)
+        self._retired = records
+        for who, epoch in sorted(new):
+            self.party.retire(who, epoch, since)
+            self.log.info("key epoch %d of %s retired from inbox position %d", epoch, who,
+                          since)
 
     def _handle(self, events: list[Event]) -> None:
         for e in events:

@@ -576,6 +576,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       compare_cluster=args.cluster)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from agents import keys
+
+    if (args.party is None) == (not args.token_key):
+        raise CliError("name one of --party P or --token-key")
+    try:
+        if args.keys_cmd == "rotate":
+            done = (keys.rotate_party(args.config, args.party, grace_s=args.grace)
+                    if args.party else keys.rotate_token_key(args.config))
+        else:
+            done = (keys.retire_party(args.config, args.party) if args.party
+                    else keys.retire_token_keys(args.config))
+    except (ConfigError, OSError, KeyError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    what = f"{done.party}'s keys" if args.party else "the consortium token key"
+    print(f"{what}: epoch {done.epoch}; wrote " + ", ".join(str(f) for f in done.files))
+    return 0
+
+
+def _add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("keys", help="rotate a party's keys or the consortium token key",
+                       description="Rotate keys as a new epoch, in a consortium directory "
+                       "written by `zerosum init`. Running agents pick the new files up by "
+                       "themselves.")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True, metavar="{rotate,retire}")
+    for name, text in (
+            ("rotate", "new keys as a new epoch; the previous epoch stays in its grace "
+                       "until grace_until (rounds in flight finish), older ones are retired; "
+                       "run it again after a crash to complete it"),
+            ("retire", "end the grace now: past epochs are refused from here on")):
+        q = ksub.add_parser(name, help=text, description=text)
+        q.add_argument("--config", type=Path, required=True, metavar="CONSORTIUM_TOML",
+                       help="consortium.toml (keys are under keys/ beside it)")
+        q.add_argument("--party", help="the party whose signing and KEM keys rotate")
+        q.add_argument("--token-key", action="store_true",
+                       help="the institutions' consortium token key instead")
+        if name == "rotate":
+            q.add_argument("--grace", type=float, metavar="SECONDS",
+                           help="with --party: how long the previous epoch stays accepted "
+                           "(grace_until = now + SECONDS; default: the policy's "
+                           "max_deadline_s)")
+        q.set_defaults(func=cmd_keys)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zerosum",
@@ -586,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_broker(sub)
     _add_agents(sub)
+    _add_keys(sub)
     return parser
 
 

@@ -44,10 +44,13 @@ class InstitutionRole:
         self.metrics = metrics
         self._data_seen = (0, 0)  # the snapshot's (loads, errors) the metrics have counted
         # None: the table stays as it was set (a test's hostile member)
-        self.snapshot: Snapshot | None = Snapshot(cfg.data, c.attributes, cfg.consortium_key)
+        self.snapshot: Snapshot | None = Snapshot(
+            cfg.data, c.attributes, cfg.consortium_key, epoch=cfg.token_epoch,
+            earlier_keys=cfg.earlier_token_keys)
         self.party = InstitutionParty(cfg.keys, c.registry, c.id, coordinator=c.coordinator,
                                       table=self.snapshot.refresh(), policy=c.round_policy(),
                                       chain=chain)
+        self.party.set_table(self.snapshot.refresh(), cfg.token_epoch, self.snapshot.earlier)
         self._count_data()
 
     def set_policy(self, policy: ConsortiumPolicy) -> None:
@@ -68,7 +71,8 @@ class InstitutionRole:
         except OSError:
             changed = True  # `refresh` says why, and keeps the last good snapshot
         if changed:
-            self.party.set_table(await asyncio.to_thread(snap.refresh))
+            table = await asyncio.to_thread(snap.refresh)
+            self.party.set_table(table, snap.epoch, snap.earlier)
             self._count_data()
 
     def _count_data(self) -> None:

@@ -153,7 +153,8 @@ class CoordinatorRound(RoundMachine):
         core = MaskAssignment(self.round_id, req.requester, req.participants, leader, specs,
                               req.scope, req.min_holders, req.deadline_ms, int(req.query.size),
                               query_digest(req.query), pol.masks,
-                              np.zeros(width, dtype=np.uint64), bytes(SIGNATURE_BYTES))
+                              np.zeros(width, dtype=np.uint64), bytes(SIGNATURE_BYTES),
+                              req.token_epoch)
         digest = assignment_digest(core)
         attestation = self.signer.sign(attestation_statement(self.round_id, digest))
         if pol.masks is MaskMode.PAIRWISE:  # the institutions derive theirs pairwise

@@ -28,6 +28,7 @@ class AbortReason(IntEnum):
     POLICY = 13  # the round breaks the consortium's policy (floors, subsets)
     INCONSISTENT = 14  # a message computed on another assignment or other rows than the round's
     DIFFERENCING = 15  # two published totals could differ by one institution's values alone
+    TOKEN_EPOCH = 16  # the round's customer tokens are under a token key epoch not held here
 
 
 class ZerosumError(Exception):
@@ -108,6 +109,21 @@ class BadCiphertext(EnvelopeError):
 
 
 class UnknownSender(EnvelopeError):
+    reason = AbortReason.BAD_SIGNATURE
+
+
+class UnknownEpoch(EnvelopeError):
+    """An envelope signed with, or sealed to, a key epoch the receiver does not know or hold
+    (a consortium file not yet reloaded, or a key already destroyed)."""
+
+    reason = AbortReason.BAD_SIGNATURE
+
+
+class RetiredKey(EnvelopeError):
+    """An envelope, or a statement inside a message, under a key epoch this party no longer
+    accepts: retired from the inbox position of the input (the agent's record), or older than
+    an epoch its sender has already been seen signing with."""
+
     reason = AbortReason.BAD_SIGNATURE
 
 

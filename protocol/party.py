@@ -31,7 +31,15 @@ from cryptography.exceptions import InvalidSignature
 
 from protocol.codec import DEFAULT_MAX_BYTES, decode, encode
 from protocol.coordinator import CoordinatorPolicy, CoordinatorRound
-from protocol.envelope import Chain, Delivery, Inbox, PrivateParty, PublicParty, seal
+from protocol.envelope import (
+    NO_POSITION,
+    Chain,
+    Delivery,
+    Inbox,
+    PrivateParty,
+    PublicParty,
+    seal,
+)
 from protocol.errors import (
     DuplicateRound,
     EarlyExpired,
@@ -45,7 +53,13 @@ from protocol.errors import (
     UnknownRound,
     ZerosumError,
 )
-from protocol.institution import DEFAULT_GRACE_MS, InstitutionContext, InstitutionRound
+from protocol.institution import (
+    DEFAULT_GRACE_MS,
+    InstitutionContext,
+    InstitutionRound,
+    RequestTerms,
+    request_terms,
+)
 from protocol.machine import Deadline, Output, RoundMachine, Send
 from protocol.messages import (
     LeaderShare,
@@ -64,16 +78,17 @@ from protocol.tokens import LocalTable, Tokens
 MAX_ROUNDS_KEPT = 100_000  # machines kept in memory; the ledger keeps every id forever
 MAX_EARLY_PER_SENDER = 64  # peers' messages kept until the coordinator opens their round
 MAX_EARLY_BYTES_PER_SENDER = 64 * 1024 * 1024
-NO_POSITION = -1
 LEDGER_DIGEST_BYTES = 8
 
 
 class Keyring:
     """Signs with this party's key and verifies with the registry's (`policy.Signer`)."""
 
-    def __init__(self, me: PrivateParty, registry: dict[str, PublicParty]) -> None:
+    def __init__(self, me: PrivateParty, registry: dict[str, PublicParty],
+                 inbox: Inbox | None = None) -> None:
         self._me = me
         self._registry = registry
+        self._inbox = inbox  # which past key epochs still verify (current key only if None)
         self._shared: dict[str, bytes] = {}  # static X25519 agreements, per peer
 
     def sign(self, statement: bytes) -> bytes:
@@ -89,14 +104,20 @@ class Keyring:
         return shared
 
     def verify(self, party: str, signature: bytes, statement: bytes) -> bool:
+        """With the party's current key, or a past one the inbox still accepts for the round
+        of the message in hand (`Inbox.signing_keys`: a statement signed before the party
+        rotated, in a round opened here before its new key was seen)."""
         peer = self._registry.get(party)
         if peer is None:
             return False
-        try:
-            peer.signing_key.verify(signature, statement)
-        except InvalidSignature:
-            return False
-        return True
+        keys_of = (peer,) if self._inbox is None else self._inbox.signing_keys(peer)
+        for keys in keys_of:
+            try:
+                keys.signing_key.verify(signature, statement)
+            except InvalidSignature:
+                continue
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -142,7 +163,7 @@ class _Party:
         self.chain = chain or Chain()
         self.max_body_bytes = max_body_bytes
         self.inbox = Inbox(me, registry, consortium, max_body_bytes=max_body_bytes)
-        self.keyring = Keyring(me, registry)
+        self.keyring = Keyring(me, registry, self.inbox)
         self.rounds: OrderedDict[bytes, RoundMachine] = OrderedDict()
         self._live: dict[bytes, None] = {}  # ids of rounds that may still run, oldest first
         self.ledger: dict[bytes, tuple[int, bytes]] = {}  # id -> (position, envelope digest)
@@ -151,6 +172,7 @@ class _Party:
         # none) the count of inputs so far minus one; what held messages expire by
         self.last_position = NO_POSITION
         self._position = NO_POSITION
+        self.next_position = 0  # after the last input received at a position
         self._envelope = b""
         self._opened: list[RoundOpened] = []
 
@@ -170,13 +192,16 @@ class _Party:
 
     def _receive(self, wire: bytes, position: int) -> list[Event]:
         self._position = position
+        if position != NO_POSITION:
+            self.next_position = max(self.next_position, position + 1)
         self._envelope = b""
         self._opened = []
         try:
             try:
-                delivery = self.inbox.receive(wire, self.last_position)
+                delivery = self.inbox.receive(wire, position, at=self.last_position)
                 if delivery is None or delivery.sender == self.me.party_id:
                     return []  # parts still due, or our own receipt of a round's end
+                self.inbox.round_id = delivery.round_id
                 self._envelope = delivery.digest[:LEDGER_DIGEST_BYTES]
                 msg = self._decode(delivery)
                 events = self._seal_outputs(self._route(delivery.sender, msg))
@@ -188,6 +213,21 @@ class _Party:
             return [*self._opened, *events]
         finally:
             self._position = NO_POSITION
+            self.inbox.position, self.inbox.round_id = NO_POSITION, b""
+
+    def rekey(self, me: PrivateParty) -> None:
+        """This party's keys rotated: sign and open with `me` from now on (it holds the KEM
+        keys of the past epochs still in their grace)."""
+        self.me = me
+        self.inbox.me = me
+        self.keyring = Keyring(me, self.registry, self.inbox)
+
+    def retire(self, party: str, epoch: int, from_position: int) -> None:
+        """`party`'s key `epoch` is refused in inputs from inbox `from_position` on, in
+        envelopes and in statements inside messages. The agent records this durably before
+        it handles that position, and passes its records again after a restart, so that a
+        replay of the inbox refuses exactly what the live run refused."""
+        self.inbox.retire(party, epoch, from_position)
 
     def _open(self, round_id: bytes, machine: RoundMachine, sender: str) -> RoundMachine:
         """Enter a new round in the ledger, or refuse an id that was used before."""
@@ -199,6 +239,7 @@ class _Party:
         if known is None:
             self.ledger[round_id] = mark
             self._opened.append(RoundOpened(round_id, *mark))
+        self.inbox.open_round(round_id)
         self._remember(round_id, machine)
         return machine
 
@@ -307,6 +348,7 @@ class _Party:
         if lost := [r.round_id for r in snap.rounds if r.round_id not in self.ledger]:
             raise SnapshotError(f"round {lost[0].hex()} of the snapshot is not in the ledger")
         self.last_position = snap.last_position
+        self.next_position = max(self.next_position, snap.last_position + 1)
         if snap.chain[0] > self.chain.next_seq:
             self.chain.next_seq, self.chain.prev = snap.chain
         self.guard.restore(snap.guard)
@@ -375,21 +417,31 @@ class InstitutionParty(_Party):
         self.grace_ms = grace_ms
         self.guard = DifferencingGuard(policy.difference_window)
         self._table = table
+        self._token_epoch = 0
+        self._earlier_tables: dict[int, LocalTable] = {}
         # per sender: (round id, message, inbox position) of messages for rounds not open yet
         self._early: dict[str, deque[tuple[bytes, Message, int]]] = {}
+        # what this institution asked for, by round id: its assignment must repeat it
+        self._requested: OrderedDict[bytes, RequestTerms] = OrderedDict()
 
     @property
     def table(self) -> LocalTable:
         return self._table
 
-    def set_table(self, table: LocalTable) -> None:
-        """A new data snapshot: used by rounds that start from now on."""
+    def set_table(self, table: LocalTable, token_epoch: int = 0,
+                  earlier: dict[int, LocalTable] | None = None) -> None:
+        """A new data snapshot, its tokens under the token key of `token_epoch`, and the same
+        data under the token keys of `earlier` epochs still held: used by rounds that start
+        from now on, each with the table of the token epoch its assignment names."""
         self._table = table
+        self._token_epoch = token_epoch
+        self._earlier_tables = dict(earlier or {})
 
     def _context(self) -> InstitutionContext:
         return InstitutionContext(self.me.party_id, self.coordinator, self.me.secret,
                                   self._table, self.policy, self.keyring, self.guard,
-                                  self.grace_ms)
+                                  self.grace_ms, self._token_epoch, self._earlier_tables,
+                                  self._requested)
 
     def _route(self, sender: str, msg: Message) -> list[Output]:
         if isinstance(msg, RoundRequest):
@@ -445,8 +497,12 @@ class InstitutionParty(_Party):
 
     def request(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
                 attributes: tuple[str, ...], deadline_ms: int, scope: Scope = Scope.INTERSECTION,
-                min_holders: int = 1) -> list[Event]:
-        """Ask the coordinator for a round (raises ValueError for an invalid request)."""
+                min_holders: int = 1, token_epoch: int = 0) -> list[Event]:
+        """Ask the coordinator for a round whose `query` tokens are under the token key of
+        `token_epoch` (raises ValueError for an invalid request)."""
         req = RoundRequest(round_id, self.me.party_id, participants, attributes, scope,
-                           min_holders, deadline_ms, query)
+                           min_holders, deadline_ms, query, token_epoch)
+        self._requested[round_id] = request_terms(req)
+        while len(self._requested) > MAX_ROUNDS_KEPT:
+            self._requested.popitem(last=False)
         return [self._seal(Send(self.coordinator, req))]

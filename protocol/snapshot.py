@@ -98,7 +98,7 @@ class PartySnapshot:
     ledger_entries: int
     difference_window: int
     guard: list[frozenset[str]]  # oldest first
-    sequences: dict[str, tuple[int, list[tuple[int, bytes, bytes]]]]
+    sequences: dict[str, tuple[int, list[tuple[int, bytes, bytes]], int]]  # last, seen, epoch
     rounds: list[RoundState]  # in the party's order (the oldest is forgotten first)
 
 
@@ -153,8 +153,8 @@ def encode(s: PartySnapshot) -> bytes:
         "difference_window": s.difference_window,
         "names": list(t.names), "groups": [sorted(t.names[n] for n in g) for g in t.groups],
         "guard": guard,
-        "sequences": [[name, last, b"".join(_SEEN.pack(*e) for e in window)]
-                      for name, (last, window) in s.sequences.items()],
+        "sequences": [[name, last, b"".join(_SEEN.pack(*e) for e in window), epoch]
+                      for name, (last, window, epoch) in s.sequences.items()],
         "rounds": {"ids": b"".join(r.round_id for r in s.rounds),
                    "states": bytes(ends.index(r.state) for r in s.rounds),
                    "senders": senders, "seen": seen, "extras": extras},
@@ -241,8 +241,9 @@ def decode(data: bytes) -> PartySnapshot:
         _rounds(_map(raw["rounds"], "rounds", _ROUND_FIELDS), ENDS[role], names, groups))
 
 
-def _sequence(value: Any, path: str) -> tuple[str, tuple[int, list[tuple[int, bytes, bytes]]]]:
-    name, last, packed = _list(value, path, 3)
+def _sequence(value: Any,
+              path: str) -> tuple[str, tuple[int, list[tuple[int, bytes, bytes]], int]]:
+    name, last, packed, epoch = _list(value, path, 4)
     packed = _bytes(packed, f"{path}.seen", unit=_SEEN.size)
     if len(packed) // _SEEN.size > SEQ_WINDOW:
         raise SnapshotError(f"snapshot field {path}.seen: more than {SEQ_WINDOW} envelopes")
@@ -250,7 +251,8 @@ def _sequence(value: Any, path: str) -> tuple[str, tuple[int, list[tuple[int, by
     last = _int(last, f"{path}.last_seq", -1)
     if seen and not 0 <= min(seq for seq, _, _ in seen) <= max(seq for seq, _, _ in seen) <= last:
         raise SnapshotError(f"snapshot field {path}.seen: a seq outside 0..{last}")
-    return _typed(name, str, f"{path}.name"), (last, seen)
+    return _typed(name, str, f"{path}.name"), (last, seen,
+                                               _int(epoch, f"{path}.epoch", 0, 2**32 - 1))
 
 
 def _rounds(raw: dict[str, Any], ends: tuple[Enum, ...], names: list[str],
