@@ -209,8 +209,9 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._consume(inbox))
                 tg.create_task(self._timer_loop())
-            if self._settled:  # a clean stop: the next start reads from here
-                self.checkpoints.take(self.party, force=True)
+            async with self._lock:
+                if self._settled:  # a clean stop: the next start reads from here
+                    self.checkpoints.take(self.party, force=True)
         finally:
             await self.checkpoints.drain()
             await self.bus.stop()
@@ -378,7 +379,8 @@ class Agent:
                         return
                     self._settled = settled
                     self.checkpoints.changed(len(due))
-                    self.checkpoints.take(self.party)
+                    if settled:
+                        self.checkpoints.take(self.party)
                 continue
             self._timers_changed.clear()
             waits: set[asyncio.Future[object]] = {

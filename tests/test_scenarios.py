@@ -238,6 +238,15 @@ def _same_everywhere(world: World, round_id: bytes, names: Sequence[str]) -> Out
 BANKS = ("bank-1", "bank-2", "bank-3")
 
 
+async def _one_round(world: World, ids: list[str]) -> Outcome:
+    """A round of `ids`, checked, and ended at every bank (none of them has it in flight)."""
+    out = await world.submit(ids)
+    assert isinstance(out, Outcome), out
+    check(out, ids, world.dir)
+    await world.ended_everywhere(out.round_id, BANKS)
+    return out
+
+
 async def test_a_round_is_exact_at_every_party(world: World) -> None:
     ids = query_ids(world.dir, 60)
     async with running(world):
@@ -269,7 +278,7 @@ async def test_duplicated_and_reordered_deliveries_change_nothing(world: World) 
 async def test_a_restarted_institution_replays_and_ends_the_round_exact(world: World) -> None:
     ids = query_ids(world.dir, 60)
     async with running(world):
-        check(await world.submit(ids), ids, world.dir)
+        await _one_round(world, ids)
         await world.stop("bank-2")
         coord = world.agents["coordinator"]
         seen = coord.stats.received
@@ -320,7 +329,7 @@ async def test_a_silent_institution_times_out_by_name(world: World) -> None:
 async def test_a_crash_between_produce_and_commit_sends_nothing_twice(world: World) -> None:
     ids = query_ids(world.dir, 60)
     async with running(world):
-        check(await world.submit(ids), ids, world.dir)
+        await _one_round(world, ids)
         await world.stop("bank-2")
         crashing = await world.start("bank-2", failpoint=1, checkpoint_every_s=0)
         assert crashing.stats.replayed == 0  # restored from the checkpoint of its stop
@@ -374,9 +383,7 @@ async def test_a_restart_after_many_rounds_reads_only_from_the_checkpoint(world:
     rounds = 6
     async with running(world):
         for _ in range(rounds):
-            out = await world.submit(ids)
-            assert isinstance(out, Outcome), out
-            await world.ended_everywhere(out.round_id, BANKS)
+            await _one_round(world, ids)
         history = {}
         for name in ("coordinator", "bank-2"):
             stopped = world.agents[name]
@@ -400,9 +407,7 @@ async def test_a_round_in_flight_at_a_restart_is_rebuilt_from_the_checkpoint_bef
     ids = query_ids(world.dir, 60)
     async with running(world, checkpoint_every_s=0):
         for _ in range(2):
-            out = await world.submit(ids)
-            assert isinstance(out, Outcome), out
-            await world.ended_everywhere(out.round_id, BANKS)
+            await _one_round(world, ids)
         await world.stop("bank-3")
         b2 = world.agents["bank-2"]
         quiet = b2.party.last_position + 1  # its checkpoint is at least this far
@@ -423,7 +428,7 @@ async def test_a_round_in_flight_at_a_restart_is_rebuilt_from_the_checkpoint_bef
 async def test_a_corrupt_checkpoint_falls_back_to_a_full_replay(world: World) -> None:
     ids = query_ids(world.dir, 60)
     async with running(world):
-        check(await world.submit(ids), ids, world.dir)
+        await _one_round(world, ids)
         b2 = world.agents["bank-2"]
         await world.stop("bank-2")
         handled = b2.party.last_position + 1
