@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import importlib.metadata
 import logging
 import os
@@ -275,12 +276,15 @@ class Agent:
             return 0
         if data is None:
             return 0
+        gc.disable()  # the snapshot's many small objects: no collection every few hundred
         try:
             start = self.party.restore(data)
         except SnapshotError as exc:
             self.log.warning("the checkpoint %s is not used (%s); the agent replays its inbox "
                              "from the beginning", self.checkpoints.file.path, exc)
             return 0
+        finally:
+            gc.enable()
         self.log.info("restored from the checkpoint %s: reading from offset %d",
                       self.checkpoints.file.path, start)
         return start
