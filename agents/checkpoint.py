@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,8 @@ MAGIC = b"zerosum-checkpoint\n"
 VERSION = 1
 _HEAD = struct.Struct(f">{len(MAGIC)}sHQ32s")
 CHECKPOINT_EVERY_S = 60.0  # of the agent's clock, at most one snapshot while it runs
+# kill -9 tests of agents as processes: snapshot at every quiet moment ("0")
+EVERY_S_ENV = "ZEROSUM_CHECKPOINT_EVERY_S"
 
 
 class CheckpointError(Exception):
@@ -83,11 +86,12 @@ class Checkpointer:
     replays more."""
 
     def __init__(self, file: CheckpointFile, now: Callable[[], float], log: logging.Logger,
-                 every_s: float = CHECKPOINT_EVERY_S) -> None:
+                 every_s: float | None = None) -> None:
         self.file = file
         self.now = now
         self.log = log
-        self.every_s = every_s
+        self.every_s = every_s if every_s is not None else float(
+            os.environ.get(EVERY_S_ENV, CHECKPOINT_EVERY_S))
         self.saved = 0  # snapshots written
         self._changed = 0  # inputs and deadlines handled since the last snapshot
         self._taken_at = now()
