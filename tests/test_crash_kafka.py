@@ -69,15 +69,26 @@ async def test_kill_9_at_random_points_of_a_stream(kafka_bootstrap: KafkaAccess,
                 restored += procs[victim].when("restored from the checkpoint") is not None
                 if victim == "bank-1":
                     await api.connect()
-            for _ in range(4):
+            async def one_round() -> None:
+                nonlocal not_accepted
                 try:
                     accepted.append(await api.submit(ids, scope="intersection",
                                                      deadline_s=40))
                 except NotAccepted:  # bank-1 died before it accepted: the client is told
                     not_accepted += 1
+
+            for _ in range(4):
+                await one_round()
             if between_produce_and_commit:
+                # how many batches the rounds make at the victim depends on how their inputs
+                # coalesce: one more round at a time until it reaches its failpoint
+                exited = asyncio.ensure_future(procs[victim].proc.wait())
                 async with asyncio.timeout(60):
-                    code = await procs[victim].proc.wait()
+                    while not exited.done():
+                        await asyncio.wait({exited}, timeout=10)
+                        if not exited.done():
+                            await one_round()
+                code = exited.result()
                 assert code == 137, f"{victim} did not reach its failpoint"
                 await procs[victim].stop()
             else:
