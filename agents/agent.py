@@ -4,9 +4,11 @@ Input: the party's own inbox topic, read with a fixed assignment and no consumer
 the input has been handled is kept in the state directory (`InboxPosition`), saved only after
 every envelope that the inputs before it caused is acknowledged by the broker (acks=all,
 idempotent producer); those envelopes are journaled on disk before they are produced
-(`Outbox`). On start the agent replays its inbox from the beginning: inputs below the saved
-position rebuild the rounds' state with their outputs suppressed (they are on the bus already);
-later inputs are processed normally.
+(`Outbox`). On start the agent restores its party from its last checkpoint (`agents.checkpoint`:
+a snapshot taken when no round was in flight) and replays its inbox from the input after it, or
+from the beginning when there is none: inputs below the saved position rebuild the rounds' state
+with their outputs suppressed (they are on the bus already); later inputs are processed
+normally. A restart's time so depends on what came after the checkpoint, not on the history.
 
 The bus (`agents.bus.Bus`: Kafka, or the in-process one of the tests) and the clock
 (`agents.clock.Clock`: deadlines) are given to it; what differs between the coordinator and an
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import importlib.metadata
 import logging
 import os
@@ -29,6 +32,7 @@ from typing import Any
 import msgpack
 
 from agents.bus import Bus, Reader, Stopping
+from agents.checkpoint import Checkpointer, CheckpointError, CheckpointFile
 from agents.clock import Clock, SystemClock
 from agents.config import ConfigError, PartyConfig, PartyFiles, file_stamp
 from agents.data import DataFileError, Snapshot
@@ -40,7 +44,7 @@ from agents.position import InboxPosition
 from agents.retired import RetiredEpochs, due
 from agents.roles import CoordinatorRole, InstitutionRole, Role
 from protocol.envelope import Header, digest
-from protocol.errors import AbortReason, DuplicateEnvelope, HandlingFailed
+from protocol.errors import AbortReason, DuplicateEnvelope, HandlingFailed, SnapshotError
 from protocol.machine import Ended, Outcome, Published, SetTimer
 from protocol.messages import MaskAssignment, Scope
 from protocol.party import (
@@ -158,6 +162,9 @@ class Agent:
             self.party.retire(who, epoch, since)
         self._live_from: int | None = None  # the first inbox position handled live
         self._rekey_failed: tuple[object, ...] | None = None
+        # the party's snapshots: restored from on start, taken when it is quiescent
+        self.checkpoints = Checkpointer(CheckpointFile(cfg.state_dir), self.clock.now, self.log)
+        self._settled = False  # every input handled is past the saved position, its outputs sent
         if bus is None:
             from agents.kafka_bus import KafkaBus  # aiokafka: only for an agent on Kafka
 
@@ -211,12 +218,17 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._consume(inbox))
                 tg.create_task(self._timer_loop())
+            async with self._lock:
+                if self._settled:  # a clean stop: the next start reads from here
+                    self.checkpoints.take(self.party, force=True)
         finally:
+            await self.checkpoints.drain()
             await self.bus.stop()
             self.log.info("%s stopped: %s", cfg.party, self.stats)
 
     async def _recover(self, inbox: Reader) -> None:
-        """Re-produce journaled envelopes, then rebuild state from the inbox up to the commit."""
+        """Re-produce journaled envelopes, restore the party from its checkpoint, then rebuild
+        the state the inputs after it caused, up to the commit."""
         pending = self.outbox.pending()
         if pending:
             landed = await self._landed({t for t, _ in pending}, len(pending))
@@ -229,8 +241,12 @@ class Agent:
         # not committed (a crash between produce and commit): their envelopes are the
         # journaled ones, already re-sent above, never sealed a second time
         committed = max(await self._saved_position(), self.outbox.staged_through() + 1)
-        self.live_from(committed)
-        if committed == 0:
+        start = max(await self._restore(), await inbox.position())
+        inbox.seek(start)
+        self._settled = True
+        # after the restore: retirements not recorded yet count from the party's next position
+        self.live_from(max(committed, start))
+        if start >= committed:
             return
         self._replaying = True
         self.party.sealing = False
@@ -255,8 +271,33 @@ class Agent:
             self._pending.clear()
             self.ledger.append(self._opened)  # rounds rebuilt but never persisted (rare)
             self._opened.clear()
-            self.log.info("replayed %d inputs up to offset %d; %d rounds in flight",
-                          self.stats.replayed, committed, len(self.party.running()))
+            self.checkpoints.changed(self.stats.replayed)
+            self.log.info("replayed %d inputs from offset %d up to offset %d; %d rounds in "
+                          "flight", self.stats.replayed, start, committed,
+                          len(self.party.running()))
+
+    async def _restore(self) -> int:
+        """The party as its checkpoint left it; the inbox offset to read from next (0 without
+        a usable checkpoint: a full replay)."""
+        try:
+            data = await asyncio.to_thread(self.checkpoints.file.load)
+        except CheckpointError as exc:
+            self.log.warning("%s", exc)
+            return 0
+        if data is None:
+            return 0
+        gc.disable()  # the snapshot's many small objects: no collection every few hundred
+        try:
+            start = self.party.restore(data)
+        except SnapshotError as exc:
+            self.log.warning("the checkpoint %s is not used (%s); the agent replays its inbox "
+                             "from the beginning", self.checkpoints.file.path, exc)
+            return 0
+        finally:
+            gc.enable()
+        self.log.info("restored from the checkpoint %s: reading from offset %d",
+                      self.checkpoints.file.path, start)
+        return start
 
     async def _saved_position(self) -> int:
         """The saved position; for a state directory of an earlier version that kept it only
@@ -306,6 +347,7 @@ class Agent:
             self.metrics.received_bytes.inc(sum(len(r.value) for r in records))
             async with self._lock:
                 await self._refresh_data()
+                self._settled = False
                 for r in records:
                     self.stats.received += 1
                     self._handle(self._receive(r.value, r.offset))
@@ -317,6 +359,9 @@ class Agent:
                 if flushed:
                     self.failpoint.passed_flush(self.log)
                 await asyncio.to_thread(self.position.save, records[-1].offset + 1)
+                self._settled = True
+                self.checkpoints.changed(len(records))
+                self.checkpoints.take(self.party)
             async with self._progress:
                 self._progress.notify_all()
 
@@ -337,6 +382,7 @@ class Agent:
             due = [rid for rid, at in self.timers.items() if at / 1000 <= now]
             if due:
                 async with self._lock:
+                    settled, self._settled = self._settled, False
                     for rid in due:
                         self.timers.pop(rid, None)
                         self._handle(self.party.deadline(rid))
@@ -345,6 +391,10 @@ class Agent:
                         await self._flush()
                     except Stopping:
                         return
+                    self._settled = settled
+                    self.checkpoints.changed(len(due))
+                    if settled:
+                        self.checkpoints.take(self.party)
                 continue
             self._timers_changed.clear()
             waits: set[asyncio.Future[object]] = {

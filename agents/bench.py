@@ -31,7 +31,9 @@ import msgpack
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from agents.config import load_party
+from agents.agent import Agent
+from agents.checkpoint import CheckpointFile
+from agents.config import PartyConfig, load_party
 from agents.kafka_admin import init_on_broker
 from agents.kafka_bus import ensure_topics, read_to_end
 from agents.kafka_client import quiet_aiokafka
@@ -41,13 +43,14 @@ from protocol.envelope import Header
 from protocol.fixedpoint import AttributeSpec
 from protocol.machine import Outcome
 from protocol.messages import MaskMode, MessageKind, Scope
-from protocol.tokens import tokenize
+from protocol.tokens import Tokens, tokenize
 
 SPECS = (AttributeSpec("balance", 2, -10**13, 10**13), AttributeSpec("limit", 2, 0, 10**13),
          AttributeSpec("overdue_days", 0, 0, 36_500), AttributeSpec("rate", 4, -10**6, 10**6))
 IDENTIFIER_KINDS = {MessageKind.ROUND_REQUEST, MessageKind.LEADER_QUERY, MessageKind.LEADER_SHARE}
 CONTRIBUTION_KINDS = {MessageKind.COORDINATOR_SHARE, MessageKind.CONTRIBUTION}
 Say = Callable[[str], None]
+RESTART_HISTORIES = (1_000, 10_000)  # rounds of history before the restart scenario's restarts
 HOLD, SEED = 0.8, 7  # the large round's data: share of customers each institution holds; seed
 
 
@@ -347,26 +350,9 @@ async def small_rounds(bootstrap: KafkaAccess, *, rounds: int, in_flight: int, c
             key = banks[0].cfg.consortium_key
             assert key is not None
             tokens = tokenize(_ids(customers * 2)[::2], key)
-            parts = banks[0].cfg.consortium.institutions
-            latencies: list[float] = []
-            failures = 0
-            gate = asyncio.Semaphore(in_flight)
-
-            async def one(r: int) -> None:
-                nonlocal failures
-                async with gate:
-                    t = time.perf_counter()
-                    out = await banks[r % len(banks)].submit(
-                        os.urandom(16), tokens, participants=parts,
-                        attributes=("balance", "overdue_days"), scope=Scope.QUERY,
-                        deadline_s=60)
-                    latencies.append(time.perf_counter() - t)
-                    failures += not isinstance(out, Outcome)
-
-            await asyncio.gather(*(one(r) for r in range(min(in_flight, rounds))))  # warm up
-            latencies.clear()
+            await _stream(banks, tokens, min(in_flight, rounds), in_flight)  # warm up
             t0 = time.perf_counter()
-            await asyncio.gather(*(one(r) for r in range(rounds)))
+            latencies, failures = await _stream(banks, tokens, rounds, in_flight)
             wall = time.perf_counter() - t0
     q = statistics.quantiles(latencies, n=100)
     out = {"rounds": rounds, "in_flight": in_flight, "customers": customers,
@@ -375,6 +361,92 @@ async def small_rounds(bootstrap: KafkaAccess, *, rounds: int, in_flight: int, c
     say(f"  {rounds} rounds, {in_flight} in flight: {out['rounds_per_s']:.1f} rounds/s, "
         f"p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms, {failures} failed")
     return out
+
+
+async def _stream(banks: list[Agent], tokens: Tokens, rounds: int,
+                  in_flight: int) -> tuple[list[float], int]:
+    """`rounds` rounds of the query `tokens`, `in_flight` at a time, asked by each bank in
+    turn: each one's latency, and how many did not end in a result."""
+    parts = banks[0].cfg.consortium.institutions
+    latencies: list[float] = []
+    failures = 0
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(r: int) -> None:
+        nonlocal failures
+        async with gate:
+            t = time.perf_counter()
+            out = await banks[r % len(banks)].submit(
+                os.urandom(16), tokens, participants=parts,
+                attributes=("balance", "overdue_days"), scope=Scope.QUERY, deadline_s=60)
+            latencies.append(time.perf_counter() - t)
+            failures += not isinstance(out, Outcome)
+
+    await asyncio.gather(*(one(r) for r in range(rounds)))
+    return latencies, failures
+
+
+async def restart(bootstrap: KafkaAccess, *, histories: tuple[int, ...], institutions: int,
+                  say: Say) -> dict[str, Any]:
+    """Time from an agent's start to ready after `histories` rounds (ended) in its inbox:
+    with the checkpoint its clean stop saved, and with the checkpoint removed (a full replay),
+    for every party, one after another. The history is real: rounds of 10 customers, 32 in
+    flight, among in-process agents on the broker, continued from one history to the next."""
+    with tempfile.TemporaryDirectory(prefix="zerosum-bench-") as tmp:
+        d = Path(tmp)
+        await asyncio.to_thread(init_on_broker, d, bootstrap, institutions=institutions,
+                                customers=100, consortium=f"bench{os.urandom(4).hex()}")
+        configs = party_configs(d)
+        out: dict[str, Any] = {"institutions": institutions, "histories": {}}
+        done = 0
+        for rounds in sorted(histories):
+            t0 = time.perf_counter()
+            async with agents_in_process(configs) as agents:
+                banks = [a for n, a in agents.items() if n != "coordinator"]
+                key = banks[0].cfg.consortium_key
+                assert key is not None
+                _, failures = await _stream(banks, tokenize(_ids(20)[::2], key), rounds - done,
+                                            32)
+            say(f"  {rounds - done} more rounds in {time.perf_counter() - t0:.1f} s "
+                f"({failures} failed): {rounds} in the history")
+            done = rounds
+            checkpointed = {c.party: await _start_to_ready(c) for c in configs}
+            full = {}
+            for c in configs:
+                CheckpointFile(c.state_dir).path.unlink(missing_ok=True)
+                full[c.party] = await _start_to_ready(c)  # its stop saves a checkpoint again
+            out["histories"][str(rounds)] = {
+                "failures": failures, "seconds": max(s for s, _ in checkpointed.values()),
+                "replayed": max(r for _, r in checkpointed.values()),
+                "full_replay_seconds": max(s for s, _ in full.values()),
+                "full_replay_inputs": max(r for _, r in full.values()),
+                "by_party": {p: {"seconds": checkpointed[p][0], "replayed": checkpointed[p][1],
+                                 "full_replay_seconds": full[p][0],
+                                 "full_replay_inputs": full[p][1]} for p in checkpointed}}
+            h = out["histories"][str(rounds)]
+            say(f"  after {rounds:,} rounds: start to ready {h['seconds']:.3f} s from the "
+                f"checkpoint ({h['replayed']} inputs replayed), {h['full_replay_seconds']:.2f} s "
+                f"replaying {h['full_replay_inputs']:,} inputs without it (slowest party)")
+    for rounds, h in out["histories"].items():
+        out[f"seconds_after_{int(rounds) // 1000}k_rounds" if int(rounds) % 1000 == 0 else
+            f"seconds_after_{rounds}_rounds"] = h["seconds"]
+    return out
+
+
+async def _start_to_ready(cfg: PartyConfig) -> tuple[float, int]:
+    """Seconds from a new Agent for `cfg` to its `ready`, and the inputs it replayed; then
+    it stops cleanly."""
+    t = time.perf_counter()
+    agent = Agent(cfg)
+    task = asyncio.create_task(agent.run())
+    ready = asyncio.create_task(agent.ready.wait())
+    async with asyncio.timeout(3600):
+        await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+    seconds = time.perf_counter() - t
+    ready.cancel()
+    agent.stop()
+    await task
+    return seconds, agent.stats.replayed
 
 
 async def credit_check(bootstrap: KafkaAccess, *, rounds: int, institutions: int,
@@ -485,6 +557,8 @@ TARGETS = {  # (json path, comparison, target)
     "credit_check.p50_ms": ("<=", 30.0),
     "credit_check.p99_ms": ("<=", 100.0),
     "paillier.speedup": (">=", 1000.0),
+    "restart.seconds_after_1k_rounds": ("<=", 1.0),
+    "restart.seconds_after_10k_rounds": ("<=", 1.0),
 }
 
 
@@ -538,7 +612,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 async def run_all(bootstrap: KafkaAccess, scenarios: list[str], *, customers: int,
                   institutions: int, attributes: int, small: int, paillier_customers: int,
-                  say: Say, masks: MaskMode = MaskMode.DEALT) -> dict[str, Any]:
+                  say: Say, masks: MaskMode = MaskMode.DEALT,
+                  restart_rounds: tuple[int, ...] = RESTART_HISTORIES) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     if "large" in scenarios:
         say(f"large round: {customers:,} customers x {attributes} attributes x "
@@ -560,6 +635,11 @@ async def run_all(bootstrap: KafkaAccess, scenarios: list[str], *, customers: in
         say(f"Paillier against zerosum: {paillier_customers:,} customers, 5 institutions")
         results["paillier"] = await paillier(bootstrap, customers=paillier_customers,
                                              institutions=5, say=say)
+    if "restart" in scenarios:
+        say(f"restart: start to ready after {', '.join(f'{r:,}' for r in restart_rounds)} "
+            "rounds of history, 3 institutions")
+        results["restart"] = await restart(bootstrap, histories=restart_rounds, institutions=3,
+                                           say=say)
     if "peers" in scenarios:
         from agents.bench_peers import beside_zerosum
         results["peers"] = await beside_zerosum(bootstrap, results.get("large_round"), say=say)
@@ -688,7 +768,8 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
          small: int, paillier_customers: int, json_out: Path | None, plot_out: Path | None,
          bootstrap: str | None, data_dir: Path, port: int, controller_port: int,
          compare_plaintext: bool = False, compare_cluster: bool = False,
-         compare_masks: bool = False) -> int:
+         compare_masks: bool = False,
+         restart_rounds: tuple[int, ...] = RESTART_HISTORIES) -> int:
     from agents.broker import LocalBroker
 
     def say(text: str) -> None:
@@ -714,7 +795,7 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
         results = asyncio.run(run_all(access, scenarios, customers=customers,
                                       institutions=institutions, attributes=attributes,
                                       small=small, paillier_customers=paillier_customers,
-                                      say=say))
+                                      say=say, restart_rounds=restart_rounds))
         if compare_plaintext:
             results["security"] = asyncio.run(plaintext_beside(
                 results, scenarios, customers=customers, institutions=institutions,

@@ -14,15 +14,23 @@ and right, and its next save replaces the file).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from agents.position import write_atomically
+from protocol.party import CoordinatorParty, InstitutionParty
 
 MAGIC = b"zerosum-checkpoint\n"
 VERSION = 1
 _HEAD = struct.Struct(f">{len(MAGIC)}sHQ32s")
+CHECKPOINT_EVERY_S = 60.0  # of the agent's clock, at most one snapshot while it runs
+# kill -9 tests of agents as processes: snapshot at every quiet moment ("0")
+EVERY_S_ENV = "ZEROSUM_CHECKPOINT_EVERY_S"
 
 
 class CheckpointError(Exception):
@@ -63,3 +71,59 @@ class CheckpointFile:
         """Replace the checkpoint with `snapshot`, atomically and durably."""
         write_atomically(self.path, _HEAD.pack(MAGIC, VERSION, len(snapshot),
                                                hashlib.sha256(snapshot).digest()), snapshot)
+
+
+class Checkpointer:
+    """When an agent snapshots its party, and the saving of those snapshots off the event loop.
+
+    `take()` is called under the agent's lock at the points where everything the handled inputs
+    caused is on the bus and the inbox position past them is saved. It snapshots the party when
+    it is quiescent, something changed since the last snapshot and `every_s` seconds of the
+    agent's clock have passed (a snapshot of a party that keeps 10,000 ended rounds takes about
+    0.2 s on the event loop); `force` (a clean stop) skips the wait. The bytes are written in a
+    thread, one save after another; a snapshot taken while one is being written replaces any
+    that waits its turn. A failed save is logged: the agent carries on, and its next restart
+    replays more."""
+
+    def __init__(self, file: CheckpointFile, now: Callable[[], float], log: logging.Logger,
+                 every_s: float | None = None) -> None:
+        self.file = file
+        self.now = now
+        self.log = log
+        self.every_s = every_s if every_s is not None else float(
+            os.environ.get(EVERY_S_ENV, CHECKPOINT_EVERY_S))
+        self.saved = 0  # snapshots written
+        self._changed = 0  # inputs and deadlines handled since the last snapshot
+        self._taken_at = now()
+        self._next: bytes | None = None
+        self._saving: asyncio.Task[None] | None = None
+
+    def changed(self, inputs: int) -> None:
+        self._changed += inputs
+
+    def take(self, party: CoordinatorParty | InstitutionParty, *, force: bool = False) -> bool:
+        """Snapshot `party` and have it saved, when it is due and possible; True if taken."""
+        if not self._changed or not (force or self.now() - self._taken_at >= self.every_s):
+            return False
+        if not party.quiescent():
+            return False
+        self._next = party.snapshot()
+        self._changed, self._taken_at = 0, self.now()
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.create_task(self._save_all())
+        return True
+
+    async def _save_all(self) -> None:
+        while self._next is not None:
+            data, self._next = self._next, None
+            try:
+                await asyncio.to_thread(self.file.save, data)
+                self.saved += 1
+            except OSError as exc:
+                self.log.error("the checkpoint %s could not be saved (%s); a restart replays "
+                               "from the one before", self.file.path, exc)
+
+    async def drain(self) -> None:
+        """Return once every snapshot taken is written."""
+        if self._saving is not None:
+            await asyncio.shield(self._saving)

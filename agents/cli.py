@@ -488,10 +488,13 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                                    "paillier "
                                    "(the same totals with Paillier), peers (MPyC and TenSEAL "
                                    "BFV on the totals of a 100,000 x 4 x 5 round, beside it), "
-                                   "scaling (for --plot). "
+                                   "scaling (for --plot), restart (start to ready after "
+                                   "--restart-rounds rounds of history, with its checkpoint and "
+                                   "replaying the whole inbox; minutes: not a default). "
                                    "Needs the bench extra: pip install -e '.[bench]'.")
     b.add_argument("--scenario", default="large,small,credit,paillier,peers",
-                   help="comma-separated: large, small, credit, paillier, peers, scaling "
+                   help="comma-separated: large, small, credit, paillier, peers, scaling, "
+                        "restart "
                         "(default: %(default)s)")
     b.add_argument("--customers", type=int, default=1_000_000,
                    help="customers of the large round (default: %(default)s)")
@@ -502,6 +505,9 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="rounds of the small scenario (default: %(default)s)")
     b.add_argument("--paillier-customers", type=int, default=10_000,
                    help="(default: %(default)s)")
+    b.add_argument("--restart-rounds", default="1000,10000",
+                   help="rounds of history before each restart of the restart scenario "
+                        "(default: %(default)s)")
     b.add_argument("--json", type=Path, help="write every figure as JSON")
     b.add_argument("--plot", type=Path, help="write the scaling chart (PNG); adds scaling")
     b.add_argument("--bootstrap", help="use this plaintext broker instead of the embedded one")
@@ -562,9 +568,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"{exc}; install the bench extra: pip install -e '.[bench]'") from exc
     scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
     unknown = sorted(set(scenarios) - {"large", "small", "credit", "paillier", "peers",
-                                          "scaling"})
+                                          "scaling", "restart"})
     if unknown:
         raise CliError(f"--scenario: unknown {', '.join(unknown)}")
+    try:
+        restart_rounds = tuple(int(r) for r in args.restart_rounds.split(","))
+    except ValueError:
+        restart_rounds = ()
+    if not restart_rounds or min(restart_rounds) < 1:
+        raise CliError(f"--restart-rounds: positive numbers of rounds, comma-separated, not "
+                       f"{args.restart_rounds!r}")
     return bench_main(scenarios=scenarios, customers=args.customers,
                       institutions=args.institutions, attributes=args.attributes,
                       small=args.small_rounds, paillier_customers=args.paillier_customers,
@@ -573,7 +586,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       controller_port=args.controller_port,
                       compare_plaintext=args.compare_plaintext,
                       compare_masks=args.compare_masks,
-                      compare_cluster=args.cluster)
+                      compare_cluster=args.cluster, restart_rounds=restart_rounds)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

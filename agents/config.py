@@ -31,9 +31,18 @@ from protocol.envelope import (
 )
 from protocol.fixedpoint import AttributeSpec, parse_decimal
 from protocol.messages import MAX_QUERY, MaskMode, check_party
-from protocol.policy import DEFAULT_DIFFERENCE_WINDOW, DEFAULT_MAX_QUERY, ConsortiumPolicy
+from protocol.policy import (
+    DEFAULT_DIFFERENCE_WINDOW,
+    DEFAULT_EXPIRE_AFTER,
+    DEFAULT_MAX_QUERY,
+    ConsortiumPolicy,
+)
 from protocol.tokens import CONSORTIUM_KEY_BYTES
 
+# `[policy] expire_after` at most: a message a hostile member holds outside any round (a share for
+# a round that never opens, one part of a chunked message) keeps a party from a checkpoint for
+# this many inbox positions
+MAX_EXPIRE_AFTER = 1_000_000
 KEM_NAMES = {"x25519": KemKind.X25519, "mlkem768-x25519": KemKind.MLKEM768_X25519}
 """The `kem` names of the config files and of `zerosum init --kem`."""
 KEM_NAME_OF = {kind: name for name, kind in KEM_NAMES.items()}
@@ -113,6 +122,8 @@ class Policy:
     max_in_flight: int = 32  # rounds one institution's API runs at once; the rest queue
     # the longest a round may run at a party, whatever deadline its request asked for
     max_deadline_s: float = 86_400.0
+    # inbox positions after which a message held outside any round is dropped
+    expire_after: int = DEFAULT_EXPIRE_AFTER
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,7 @@ class Consortium:
                                 min_participants=p.min_participants, min_holders=p.min_holders,
                                 allow_subsets=p.allow_subsets, max_query=p.max_query,
                                 difference_window=p.difference_window,
-                                masks=MaskMode(p.masks))
+                                masks=MaskMode(p.masks), expire_after=p.expire_after)
 
 
 _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
@@ -153,6 +164,7 @@ _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
     "masks": (str, "dealt", None),
     "max_in_flight": (int, 32, 1),
     "max_deadline_s": (float, 86_400.0, 1),
+    "expire_after": (int, DEFAULT_EXPIRE_AFTER, 1),
 }
 
 
@@ -176,6 +188,8 @@ def _policy(pol: Any, where: str) -> Policy:
         raise ConfigError(f"{where}: field 'max_deadline_s' must be at least 'deadline_s'")
     if values["max_query"] > MAX_QUERY:
         raise ConfigError(f"{where}: field 'max_query' must be at most {MAX_QUERY}")
+    if values["expire_after"] > MAX_EXPIRE_AFTER:
+        raise ConfigError(f"{where}: field 'expire_after' must be at most {MAX_EXPIRE_AFTER}")
     return Policy(**values)
 
 

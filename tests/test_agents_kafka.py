@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agents.agent import Agent
+from agents.checkpoint import CheckpointFile
 from agents.config import load_party
 from agents.demo import plaintext
 from agents.kafka_bus import read_to_end
@@ -331,6 +332,7 @@ async def test_a_state_dir_without_a_position_resumes_from_the_group_offset(
     handled = int.from_bytes(position.read_bytes(), "big")
     assert handled > 0
     position.unlink()
+    CheckpointFile(cfg.state_dir).path.unlink()  # that version kept no checkpoint either
     group = AIOKafkaConsumer(**party_access(d, kafka_bootstrap, "bank-2").aiokafka_kwargs(),
                              group_id=f"zerosum.{cfg.consortium.id}.bank-2",
                              enable_auto_commit=False)

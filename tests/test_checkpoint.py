@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from agents.checkpoint import MAGIC, CheckpointError, CheckpointFile
+from agents.config import ConfigError, load_party
+from tests.test_api_config import _party_with
 from tests.test_snapshot import fresh, play, state, world
 
 
@@ -56,3 +58,16 @@ def test_a_party_restored_from_its_file_is_the_party(tmp_path: Path) -> None:
     again.ledger = dict(live.ledger)
     assert again.restore(data) == live.last_position + 1
     assert state(again) == state(live)
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("", 10_000), ("expire_after = 500", 500), ("expire_after = 0", "at least 1"),
+    ("expire_after = 1_000_001", "at most 1000000"), ("expire_after = 5.5", "must be int")])
+def test_expire_after_is_read_from_the_policy_and_bounded(tmp_path: Path, line: str,
+                                                          expected: int | str) -> None:
+    party = _party_with(tmp_path, "", line)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=rf"\[policy\]: field 'expire_after' .*{expected}"):
+            load_party(party)
+        return
+    assert load_party(party).consortium.round_policy().expire_after == expected

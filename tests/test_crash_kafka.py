@@ -14,6 +14,7 @@ import msgpack
 import pytest
 
 from agents.bench import AgentProcess
+from agents.checkpoint import EVERY_S_ENV
 from agents.config import load_party
 from agents.demo import plaintext
 from agents.kafka_bus import read_to_end
@@ -28,6 +29,8 @@ from tests.test_agents_kafka import query_ids
 
 pytestmark = pytest.mark.kafka
 NAMES = ("coordinator", "bank-1", "bank-2", "bank-3")
+# every agent snapshots its party at every quiet moment: kills land before and after checkpoints
+CHECKPOINTS = {EVERY_S_ENV: "0"}
 
 
 async def _next_line(p: AgentProcess, timeout_s: float = 30) -> None:
@@ -46,7 +49,9 @@ async def test_kill_9_at_random_points_of_a_stream(kafka_bootstrap: KafkaAccess,
     by_token = {bytes(t).hex(): c for t, c in zip(tokens, ids, strict=True)}
     want = plaintext(d / "data")
     rng = random.Random(20261124)
-    procs = {n: await AgentProcess.start(n, d / f"{n}.toml", kafka_bootstrap) for n in NAMES}
+    procs = {n: await AgentProcess.start(n, d / f"{n}.toml", kafka_bootstrap, CHECKPOINTS)
+             for n in NAMES}
+    restored = 0  # restarts that read their inbox from a checkpoint
     api = ApiRounds(cfg.api_socket)  # the requester's API, again after each of its restarts
     await api.connect()
     accepted: list[str] = []
@@ -59,25 +64,39 @@ async def test_kill_9_at_random_points_of_a_stream(kafka_bootstrap: KafkaAccess,
                 await procs[victim].stop()
                 procs[victim] = await AgentProcess.start(
                     victim, d / f"{victim}.toml", kafka_bootstrap,
-                    env={"ZEROSUM_FAILPOINT_CRASH_AFTER_FLUSHES": str(rng.randint(1, 3))})
+                    env={"ZEROSUM_FAILPOINT_CRASH_AFTER_FLUSHES": str(rng.randint(1, 3)),
+                         **CHECKPOINTS})
+                restored += procs[victim].when("restored from the checkpoint") is not None
                 if victim == "bank-1":
                     await api.connect()
-            for _ in range(4):
+            async def one_round() -> None:
+                nonlocal not_accepted
                 try:
                     accepted.append(await api.submit(ids, scope="intersection",
                                                      deadline_s=40))
                 except NotAccepted:  # bank-1 died before it accepted: the client is told
                     not_accepted += 1
+
+            for _ in range(4):
+                await one_round()
             if between_produce_and_commit:
+                # how many batches the rounds make at the victim depends on how their inputs
+                # coalesce: one more round at a time until it reaches its failpoint
+                exited = asyncio.ensure_future(procs[victim].proc.wait())
                 async with asyncio.timeout(60):
-                    code = await procs[victim].proc.wait()
+                    while not exited.done():
+                        await asyncio.wait({exited}, timeout=10)
+                        if not exited.done():
+                            await one_round()
+                code = exited.result()
                 assert code == 137, f"{victim} did not reach its failpoint"
                 await procs[victim].stop()
             else:
                 await _next_line(procs[victim])  # it is mid-stream: kill it now
                 await procs[victim].stop(signal.SIGKILL)
             procs[victim] = await AgentProcess.start(victim, d / f"{victim}.toml",
-                                                     kafka_bootstrap)
+                                                     kafka_bootstrap, CHECKPOINTS)
+            restored += procs[victim].when("restored from the checkpoint") is not None
             if victim == "bank-1":  # its results record delivers what ended before the kill
                 await api.connect()
             COUNTERS["kills survived"] += 1
@@ -118,6 +137,7 @@ async def test_kill_9_at_random_points_of_a_stream(kafka_bootstrap: KafkaAccess,
     COUNTERS["rounds aborted (typed)"] += aborted
     COUNTERS["wrong totals"] += wrong
     COUNTERS["rounds lost"] += len(sent) - published - aborted
+    assert restored > 0, "no restart read from a checkpoint"
     print(f"\n{KILLS} kills: {published} rounds published, {aborted} aborted, {wrong} wrong; "
           f"{len(accepted) - len(sent)} accepted and {not_accepted} refused by a requester "
           f"killed before it sent them; {api.copies} results delivered twice")

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents.agent import SUBMIT_MARGIN_S, Agent, Failpoint, FailpointCrash, RoundEnd
 from agents.bus import Bus, MemoryBus
+from agents.checkpoint import CheckpointError, CheckpointFile
 from agents.clock import Clock, FakeClock, SystemClock
 from agents.config import PartyConfig
 from agents.init import init_consortium
@@ -67,12 +68,16 @@ class World:
     def topics(self) -> list[str]:
         return [p.topic for p in self.config("coordinator").consortium.registry.values()]
 
-    async def start(self, name: str, failpoint: int = 0) -> Agent:
+    async def start(self, name: str, failpoint: int = 0,
+                    checkpoint_every_s: float | None = None) -> Agent:
         """A new Agent for `name` on its state dir (a restart when it ran before); returns once
-        it is ready. With `failpoint`, it crashes after that many produced batches."""
+        it is ready. With `failpoint`, it crashes after that many produced batches; with
+        `checkpoint_every_s` 0, it snapshots its party whenever it is quiescent."""
         bus: Bus | None = self.bus
         agent = Agent(self.config(name), bus=bus, clock=self.clock)
         agent.failpoint = Failpoint(failpoint, in_process=True)
+        if checkpoint_every_s is not None:
+            agent.checkpoints.every_s = checkpoint_every_s
         ends = self.ends.setdefault(name, {})
 
         async def record(batch: Sequence[RoundEnd]) -> None:
@@ -90,10 +95,11 @@ class World:
             task.result()  # raises what stopped it
         return agent
 
-    async def start_all(self, skip: tuple[str, ...] = ()) -> None:
+    async def start_all(self, skip: tuple[str, ...] = (),
+                        checkpoint_every_s: float | None = None) -> None:
         for name in ("coordinator", "bank-1", "bank-2", "bank-3"):
             if name not in skip:
-                await self.start(name)
+                await self.start(name, checkpoint_every_s=checkpoint_every_s)
 
     async def stop(self, name: str) -> None:
         self.agents[name].stop()
@@ -209,9 +215,10 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> World:
 
 
 @contextlib.asynccontextmanager
-async def running(world: World, skip: tuple[str, ...] = ()) -> AsyncIterator[World]:
+async def running(world: World, skip: tuple[str, ...] = (),
+                  checkpoint_every_s: float | None = None) -> AsyncIterator[World]:
     try:
-        await world.start_all(skip)
+        await world.start_all(skip, checkpoint_every_s)
         yield world
     finally:
         await world.stop_all()
@@ -229,6 +236,15 @@ def _same_everywhere(world: World, round_id: bytes, names: Sequence[str]) -> Out
 
 
 BANKS = ("bank-1", "bank-2", "bank-3")
+
+
+async def _one_round(world: World, ids: list[str]) -> Outcome:
+    """A round of `ids`, checked, and ended at every bank (none of them has it in flight)."""
+    out = await world.submit(ids)
+    assert isinstance(out, Outcome), out
+    check(out, ids, world.dir)
+    await world.ended_everywhere(out.round_id, BANKS)
+    return out
 
 
 async def test_a_round_is_exact_at_every_party(world: World) -> None:
@@ -262,7 +278,7 @@ async def test_duplicated_and_reordered_deliveries_change_nothing(world: World) 
 async def test_a_restarted_institution_replays_and_ends_the_round_exact(world: World) -> None:
     ids = query_ids(world.dir, 60)
     async with running(world):
-        check(await world.submit(ids), ids, world.dir)
+        await _one_round(world, ids)
         await world.stop("bank-2")
         coord = world.agents["coordinator"]
         seen = coord.stats.received
@@ -270,7 +286,7 @@ async def test_a_restarted_institution_replays_and_ends_the_round_exact(world: W
         # the coordinator has the request (and bank-2 its assignment, unread) while it is down
         await coord.wait_until(lambda: coord.stats.received > seen, WAIT_S)
         b2 = await world.start("bank-2")
-        assert b2.stats.replayed > 0  # the first round, rebuilt quietly
+        assert b2.stats.replayed == 0  # the first round is in the checkpoint of its stop
         out = await asking
         assert isinstance(out, Outcome), out
         await world.ended_everywhere(out.round_id, BANKS)
@@ -313,9 +329,10 @@ async def test_a_silent_institution_times_out_by_name(world: World) -> None:
 async def test_a_crash_between_produce_and_commit_sends_nothing_twice(world: World) -> None:
     ids = query_ids(world.dir, 60)
     async with running(world):
-        check(await world.submit(ids), ids, world.dir)
+        await _one_round(world, ids)
         await world.stop("bank-2")
-        crashing = await world.start("bank-2", failpoint=1)
+        crashing = await world.start("bank-2", failpoint=1, checkpoint_every_s=0)
+        assert crashing.stats.replayed == 0  # restored from the checkpoint of its stop
         asking = asyncio.create_task(world.submit(ids))
         with pytest.raises(BaseExceptionGroup) as crashed:  # after its first batch of the round
             async with asyncio.timeout(WAIT_S):
@@ -327,7 +344,9 @@ async def test_a_crash_between_produce_and_commit_sends_nothing_twice(world: Wor
         assert isinstance(out, Outcome), out
         await world.ended_everywhere(out.round_id, BANKS)
         check(_same_everywhere(world, out.round_id, BANKS), ids, world.dir)
-        assert b2.stats.replayed > 0
+        # the inputs of the crashed batch, replayed from the last checkpoint (no more than
+        # the crashed agent had read past the one it started from)
+        assert 0 < b2.stats.replayed <= crashing.stats.received
     # what bank-2 sent before the crash was never sent again, nor sealed anew
     mine = [(Header.decode(msgpack.unpackb(v)[1]), digest(v)) for v in await world.all_records()]
     mine = [(h, d) for h, d in mine if h.sender == "bank-2"]
@@ -357,3 +376,76 @@ async def test_a_request_the_coordinator_never_gets_ends_its_wait_past_the_deadl
     assert isinstance(out, Ended), out
     assert out.reason is AbortReason.TIMEOUT
     assert "no answer from the coordinator" in out.detail
+
+
+async def test_a_restart_after_many_rounds_reads_only_from_the_checkpoint(world: World) -> None:
+    ids = query_ids(world.dir, 10)
+    rounds = 6
+    async with running(world):
+        for _ in range(rounds):
+            await _one_round(world, ids)
+        history = {}
+        for name in ("coordinator", "bank-2"):
+            stopped = world.agents[name]
+            await world.stop(name)
+            history[name] = stopped.party.last_position + 1
+        restarted = {name: await world.start(name) for name in history}
+        for name, agent in restarted.items():
+            assert history[name] >= 3 * rounds  # every round left inputs in its inbox
+            assert agent.stats.replayed == 0, (name, agent.stats.replayed)  # none of them read
+            assert len(agent.party.rounds) == rounds  # every ended round is known, as ended
+            assert not agent.party.running()
+        out = await world.submit(ids)
+        assert isinstance(out, Outcome), out
+        await world.ended_everywhere(out.round_id, BANKS)
+        check(_same_everywhere(world, out.round_id, BANKS), ids, world.dir)
+        assert world.agents["coordinator"].stats.published == 1
+
+
+async def test_a_round_in_flight_at_a_restart_is_rebuilt_from_the_checkpoint_before_it(
+        world: World) -> None:
+    ids = query_ids(world.dir, 60)
+    async with running(world, checkpoint_every_s=0):
+        for _ in range(2):
+            await _one_round(world, ids)
+        await world.stop("bank-3")
+        b2 = world.agents["bank-2"]
+        quiet = b2.party.last_position + 1  # its checkpoint is at least this far
+        asking = asyncio.create_task(world.submit(ids))
+        await b2.wait_until(lambda: bool(b2.party.running()), WAIT_S)
+        await world.stop("bank-2")  # with the round in flight: no checkpoint at this stop
+        seen = b2.party.last_position + 1
+        b2 = await world.start("bank-2", checkpoint_every_s=0)
+        assert 0 < b2.stats.replayed <= seen - quiet  # the third round's inputs only
+        assert b2.party.running()
+        await world.start("bank-3")
+        out = await asking
+        assert isinstance(out, Outcome), out
+        await world.ended_everywhere(out.round_id, BANKS)
+        check(_same_everywhere(world, out.round_id, BANKS), ids, world.dir)
+
+
+async def test_a_corrupt_checkpoint_falls_back_to_a_full_replay(world: World) -> None:
+    ids = query_ids(world.dir, 60)
+    async with running(world):
+        await _one_round(world, ids)
+        b2 = world.agents["bank-2"]
+        await world.stop("bank-2")
+        handled = b2.party.last_position + 1
+        checkpoint = CheckpointFile(b2.cfg.state_dir)
+        assert checkpoint.load() is not None  # its stop saved one
+        data = bytearray(checkpoint.path.read_bytes())
+        data[-1] ^= 0xFF
+        checkpoint.path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError):
+            checkpoint.load()
+        b2 = await world.start("bank-2")
+        assert b2.stats.replayed == handled  # the whole inbox, as without a checkpoint
+        out = await world.submit(ids)
+        assert isinstance(out, Outcome), out
+        await world.ended_everywhere(out.round_id, BANKS)
+        check(_same_everywhere(world, out.round_id, BANKS), ids, world.dir)
+        await world.stop("bank-2")
+        assert checkpoint.load() is not None  # replaced by a good one at the stop
+        b2 = await world.start("bank-2")
+        assert b2.stats.replayed == 0
