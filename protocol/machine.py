@@ -6,9 +6,9 @@ keep it and feed it again after the next transition). A pair with no entry is in
 running round it aborts the round with `UNEXPECTED_MESSAGE`; in an ended round it raises
 `RoundClosed`. A message from a party that has no part in the round raises `NotAParticipant`
 (the party drops and logs it: a stranger never aborts somebody else's round). Before the table
-is consulted, a message equal in content to one already taken from the same sender is dropped,
-and a different one of the same kind aborts the round with `EQUIVOCATION`, both kept in
-`evidence`.
+is consulted, a message equal in content to one already taken from the same sender (same kind,
+same chunk) is dropped, and a different one of the same kind and chunk aborts the round with
+`EQUIVOCATION`, both kept in `evidence`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from protocol.codec import encode
 from protocol.errors import AbortReason, NotAParticipant, RoundClosed
 from protocol.fixedpoint import AttributeSpec
-from protocol.messages import Message, MessageKind, RoundAbort
+from protocol.messages import Message, MessageKind, RoundAbort, chunk_of
 from protocol.tokens import Tokens
 
 
@@ -112,14 +112,14 @@ class RoundMachine:
         # (sender, digest of the message taken first, digest of the conflicting one): digests,
         # not messages, so that equivocation cannot pin memory; the topics hold the messages
         self.evidence: list[tuple[str, bytes, bytes]] = []
-        # content digests for duplicate checks outlive the messages, which release() drops
-        self._seen: dict[tuple[str, MessageKind], bytes] = {}
-        self._messages: dict[tuple[str, MessageKind], Message] = {}
+        # content digests for duplicate checks, per (sender, kind, chunk): 32 bytes each, not
+        # the messages, so that a round holds none of its chunks once it has handled them
+        self._seen: dict[tuple[str, MessageKind, int], bytes] = {}
         self._pending: list[tuple[str, Input]] = []
         self.dropped: list[str] = []  # senders of buffered inputs dropped as strangers
 
-    def has_seen(self, sender: str, kind: MessageKind) -> bool:
-        return (sender, kind) in self._seen
+    def has_seen(self, sender: str, kind: MessageKind, chunk: int = 0) -> bool:
+        return (sender, kind, chunk) in self._seen
 
     def may_send(self, sender: str) -> bool:
         """Whether `sender` has a part in this round (subclasses know who)."""
@@ -132,7 +132,7 @@ class RoundMachine:
             raise NotAParticipant(f"{type(inp).__name__} from {sender}, who has no part in "
                                   f"round {self.round_id.hex()}", sender=sender)
         if isinstance(inp, Message):
-            key = (sender, inp.KIND)
+            key = (sender, inp.KIND, chunk_of(inp))
             digest = hashlib.sha256(encode(inp)).digest()
             prior = self._seen.get(key)
             if prior is not None:
@@ -142,14 +142,14 @@ class RoundMachine:
                     raise RoundClosed(f"round {self.round_id.hex()} has ended")
                 self.evidence.append((sender, prior, digest))
                 return self.abort(AbortReason.EQUIVOCATION,
-                                  f"{sender} sent two different {inp.KIND.name}", (sender,))
+                                  f"{sender} sent two different {inp.KIND.name} (chunk "
+                                  f"{key[2]})", (sender,))
         if self.state in self.TERMINAL:
             raise RoundClosed(f"round {self.round_id.hex()} has ended ({self.state.name}); "
                               f"{type(inp).__name__} from {sender or 'the clock'} ignored")
         entry = self.TABLE.get((self.state, type(inp)))
         if isinstance(inp, Message):
-            self._seen[(sender, inp.KIND)] = digest
-            self._messages[(sender, inp.KIND)] = inp
+            self._seen[(sender, inp.KIND, chunk_of(inp))] = digest
         if entry is None:
             return self.abort_unexpected(sender, inp)
         if entry is BUFFER:
@@ -190,7 +190,6 @@ class RoundMachine:
         """End the round with `reason`; subclasses add whom to tell."""
         self.state = self.ABORTED
         self._pending.clear()
-        self._messages.clear()
         self.release()
         return [Ended(self.round_id, reason, detail[:1024], culprits)]
 

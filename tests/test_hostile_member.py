@@ -141,8 +141,8 @@ def test_a_leader_share_larger_than_the_query_is_refused_naming_the_leader() -> 
     tokens = tokenize([f"x{i}" for i in range(a.query_size + 5)], KEY)
     salt = bytes(32)
     share = LeaderShare(RID, a_digest := assignment_digest(a), a.attestation, salt,
-                        leader_keys.sign(endorsement_statement(RID, a_digest,
-                                                               rows_digest(salt, tokens))),
+                        leader_keys.sign(endorsement_statement(
+                            RID, a_digest, rows_digest(salt, tokens), rows=tokens.size)),
                         tokens, bytes(32))
     out = m.handle("bank-b", share)
     [end] = [o for o in out if isinstance(o, Ended)]
@@ -330,8 +330,8 @@ def test_a_leader_that_gives_institutions_different_rows_is_named() -> None:
     salt = os.urandom(32)
     digest = assignment_digest(a)
     share = LeaderShare(rid, digest, a.attestation, salt,
-                        lp.keyring.sign(endorsement_statement(rid, digest,
-                                                              rows_digest(salt, fewer))),
+                        lp.keyring.sign(endorsement_statement(
+                            rid, digest, rows_digest(salt, fewer), rows=fewer.size)),
                         fewer, os.urandom(32))
     net.in_flight.append((victim, _sealed(net, leader, victim, share), False))
     net.run()

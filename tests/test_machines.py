@@ -27,6 +27,7 @@ from protocol.messages import (
     RoundAbort,
     RoundRequest,
     RoundResult,
+    chunk_of,
 )
 from tests.samples import (
     COORD,
@@ -122,7 +123,7 @@ def test_invalid_pairs_abort_or_raise_typed(role: str, state: object,
     if seen:
         assert isinstance(inp, Message)
         conflicting: Message = inp
-        if m._seen[(sender, inp.KIND)] == hashlib.sha256(encode(inp)).digest():
+        if m._seen[(sender, inp.KIND, chunk_of(inp))] == hashlib.sha256(encode(inp)).digest():
             assert m.handle(sender, inp) == []  # equal duplicate: nothing happens
             assert m.state is state
             conflicting = variant(inp)
