@@ -22,7 +22,15 @@ from agents.security import (
 )
 from protocol.envelope import KemKind, PrivateParty, PublicParty, private_party, public_party
 from protocol.fixedpoint import AttributeSpec, parse_decimal
-from protocol.messages import MAX_QUERY, MaskMode, check_party
+from protocol.messages import (
+    DEFAULT_CHUNK_ROWS,
+    MAX_CHUNK_ROWS,
+    MAX_CHUNKS,
+    MAX_QUERY,
+    MaskMode,
+    check_party,
+    chunk_count,
+)
 from protocol.policy import DEFAULT_DIFFERENCE_WINDOW, DEFAULT_MAX_QUERY, ConsortiumPolicy
 from protocol.tokens import CONSORTIUM_KEY_BYTES
 
@@ -105,6 +113,7 @@ class Policy:
     max_in_flight: int = 32  # rounds one institution's API runs at once; the rest queue
     # the longest a round may run at a party, whatever deadline its request asked for
     max_deadline_s: float = 86_400.0
+    chunk_rows: int = DEFAULT_CHUNK_ROWS  # rows of each chunk of a round's query and sums
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,7 @@ class Consortium:
                                 min_participants=p.min_participants, min_holders=p.min_holders,
                                 allow_subsets=p.allow_subsets, max_query=p.max_query,
                                 difference_window=p.difference_window,
-                                masks=MaskMode(p.masks))
+                                masks=MaskMode(p.masks), chunk_rows=p.chunk_rows)
 
 
 _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
@@ -142,6 +151,7 @@ _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
     "masks": (str, "dealt", None),
     "max_in_flight": (int, 32, 1),
     "max_deadline_s": (float, 86_400.0, 1),
+    "chunk_rows": (int, DEFAULT_CHUNK_ROWS, 1),
 }
 
 
@@ -165,6 +175,10 @@ def _policy(pol: Any, where: str) -> Policy:
         raise ConfigError(f"{where}: field 'max_deadline_s' must be at least 'deadline_s'")
     if values["max_query"] > MAX_QUERY:
         raise ConfigError(f"{where}: field 'max_query' must be at most {MAX_QUERY}")
+    if values["chunk_rows"] > MAX_CHUNK_ROWS or chunk_count(
+            values["max_query"], values["chunk_rows"]) > MAX_CHUNKS:
+        raise ConfigError(f"{where}: field 'chunk_rows' must be at most {MAX_CHUNK_ROWS}, and "
+                          f"max_query / chunk_rows at most {MAX_CHUNKS} chunks")
     return Policy(**values)
 
 

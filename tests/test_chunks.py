@@ -28,9 +28,9 @@ from protocol.codec import (
     rows_digest,
 )
 from protocol.coordinator import CoordinatorRound
-from protocol.driver import COORDINATOR, Network
+from protocol.driver import COORDINATOR, Network, build_network
 from protocol.envelope import Header
-from protocol.errors import AbortReason, InvalidField, WrongType
+from protocol.errors import AbortReason, DuplicateEnvelope, InvalidField, WrongType
 from protocol.institution import InstitutionRound, InstitutionState
 from protocol.machine import Ended, Outcome, Published, Send
 from protocol.messages import (
@@ -47,10 +47,12 @@ from protocol.messages import (
     RoundResult,
     Scope,
 )
+from protocol.party import Outgoing, Rejected
 from protocol.policy import ConsortiumPolicy
 from protocol.tokens import Tokens, tokenize
-from tests.helpers import KEY, World, expected, make_world, outcome_of, run_round, token_ids
+from tests.helpers import KEY, SPECS, World, expected, make_world, outcome_of, run_round, token_ids
 from tests.samples import ATTRS, COORD, NAMES, RID, attested, coordinator, institution, keyring
+from tests.test_audit import _audit, _records
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -485,3 +487,51 @@ def test_a_chunked_assignment_names_each_chunk() -> None:
     assert a.chunks == 3
     assert [len(a.query_rows(k)) for k in range(3)] == [2, 2, 1]
     assert a.query_chunks == query_chunk_digests(tokenize(QUERY, KEY), 2)
+
+
+# -- crash, replay, audit ------------------------------------------------------------------------
+def _chunked_round(seed: int = 9) -> tuple[World, bytes]:
+    world = make_world(3, universe=40, hold=0.7, query=35, seed=seed, chunk_rows=4,
+                       max_query=10_000)
+    rid = run_round(world, requester="bank-2", scope=Scope.INTERSECTION, min_holders=1)
+    _check_exact(world, rid, Scope.INTERSECTION)
+    return world, rid
+
+
+def test_a_coordinator_rebuilt_from_its_inbox_mid_round_publishes_the_same_result() -> None:
+    """A restart half way through the chunks: the inputs before the saved position are replayed
+    quietly (sealing off), the rest handled as new; replayed chunks are not added twice."""
+    world, rid = _chunked_round()
+    net = world.net
+    topic = net.coordinator.registry[COORDINATOR].topic
+    inbox = [w for t, w in net.topic_log if t == topic and _header(w).round_id == rid]
+    assert sum(_header(w).kind is MessageKind.CONTRIBUTION for w in inbox) > 4
+    [published] = net.published()
+    fresh = build_network({n: p.table for n, p in net.institutions.items()}, SPECS,
+                          chunk_rows=4, max_query=10_000)
+    coordinator = fresh.coordinator  # its ledger: empty, as the driver read no positions
+    half = len(inbox) // 2
+    coordinator.sealing = False
+    replayed = [e for i, w in enumerate(inbox[:half]) for e in coordinator.receive(w, i)]
+    assert not any(isinstance(e, Outgoing | Published | Rejected) for e in replayed), replayed
+    coordinator.sealing = True
+    again = [e for i, w in enumerate(inbox[:half]) for e in coordinator.receive(w, i)]
+    assert all(isinstance(e, Rejected) and isinstance(e.error, DuplicateEnvelope)
+               for e in again)
+    rest = [e for i, w in enumerate(inbox[half:], half) for e in coordinator.receive(w, i)]
+    assert [e for e in rest if isinstance(e, Published)] == [published]
+    assert sum(isinstance(e, Outgoing) for e in rest) == 3 + 1  # the result to all, a receipt
+
+
+def test_the_audit_adds_every_chunk_the_coordinator_received() -> None:
+    world, _ = _chunked_round(10)
+    net = world.net
+    records = _records(net.topic_log)
+    report = _audit(net, records, COORDINATOR)
+    assert report.all_findings() == []
+    assert [r.verified for r in report.rounds] == ["coordinator"]
+    # one contribution chunk removed from the coordinator's inbox: not the sum of its inputs
+    kinds = [_header(r.value).kind for r in records]
+    dropped = [i for i, k in enumerate(kinds) if k is MessageKind.CONTRIBUTION][3]
+    report = _audit(net, records[:dropped] + records[dropped + 1:], COORDINATOR)
+    assert "sum" in {f.check for f in report.all_findings()}
