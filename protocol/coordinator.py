@@ -53,6 +53,7 @@ from protocol.messages import (
     RoundRequest,
     RoundResult,
     Scope,
+    ends_elsewhere,
     pack_bitmap,
 )
 from protocol.policy import ConsortiumPolicy, DifferencingGuard, Signer
@@ -215,9 +216,7 @@ class CoordinatorRound(RoundMachine):
         rows = m.shape[0]
         if problem := a.chunk_problem(chunk, rows, last):
             return self.abort(AbortReason.INVALID_SHAPE, f"{a.leader} stated {problem}", leader)
-        if (last and self.last not in (None, chunk)) or (last and max(self.chunks, default=0) >
-                                                         chunk) or (
-                self.last is not None and chunk > self.last):
+        if ends_elsewhere(self.last, self.chunks, chunk, last):
             return self.abort(AbortReason.INCONSISTENT, f"{a.leader} ended I at two different "
                               f"chunks ({self.last} and {chunk}, or a chunk past the last)",
                               leader)

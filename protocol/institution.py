@@ -58,6 +58,7 @@ from protocol.messages import (
     RoundAbort,
     RoundResult,
     Scope,
+    ends_elsewhere,
 )
 from protocol.policy import ConsortiumPolicy, DifferencingGuard, Signer
 from protocol.ring import (
@@ -315,8 +316,7 @@ class InstitutionRound(RoundMachine):
         if problem := a.chunk_problem(s.chunk, n_rows, s.last):
             return self._refuse(f"{sender} shared {problem}", AbortReason.INVALID_SHAPE,
                                 (sender,))
-        if (s.last and (self.last not in (None, s.chunk) or max(self.chunks, default=0) >
-                        s.chunk)) or (self.last is not None and s.chunk > self.last):
+        if ends_elsewhere(self.last, self.chunks, s.chunk, s.last):
             return self._refuse(f"{sender} ended I at two different chunks",
                                 AbortReason.INCONSISTENT, (sender,))
         try:

@@ -28,6 +28,7 @@ k*chunk_rows .. of the whole expansion (`ring.prg_rows`).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum, IntEnum, StrEnum
 from typing import Annotated, ClassVar
@@ -437,6 +438,16 @@ class RoundAbort(Message):
 
 
 Chunked = LeaderQuery | LeaderShare | CoordinatorShare | Contribution
+
+
+def ends_elsewhere(last_known: int | None, chunks_known: Iterable[int], chunk: int,
+                   last: bool) -> bool:
+    """Whether chunk `chunk` (the last or not) contradicts what is known of I's chunks: the
+    index of the last (if one came) and the indices that came. Only the leader says which
+    chunk is the last; one that contradicts it is the leader's doing."""
+    if last_known is not None:
+        return chunk > last_known or (last and chunk != last_known)
+    return last and max(chunks_known, default=-1) > chunk
 
 
 def chunk_of(msg: Message) -> int:
