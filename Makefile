@@ -33,7 +33,7 @@ bench-cluster: $(STAMP)
 # restarts of the cluster, ...), with their summary
 soak: $(STAMP)
 	ZEROSUM_SOAK=1 $(VENV)/bin/pytest -p no:logging tests/test_crash_kafka.py \
-		tests/test_broker_restart_kafka.py tests/test_duplicates_kafka.py \
+		tests/test_broker_restart_kafka.py tests/test_scenarios.py \
 		tests/test_hostile_kafka.py tests/test_fuzz.py tests/test_cluster_faults_kafka.py
 
 lint: $(STAMP)

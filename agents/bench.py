@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,9 @@ import msgpack
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from agents.agent import ensure_topics, read_to_end
 from agents.config import load_party
 from agents.kafka_admin import init_on_broker
+from agents.kafka_bus import ensure_topics, read_to_end
 from agents.kafka_client import quiet_aiokafka
 from agents.run import agents_in_process, party_configs, request_round
 from agents.security import KafkaAccess, as_access
@@ -48,10 +48,28 @@ SPECS = (AttributeSpec("balance", 2, -10**13, 10**13), AttributeSpec("limit", 2,
 IDENTIFIER_KINDS = {MessageKind.ROUND_REQUEST, MessageKind.LEADER_QUERY, MessageKind.LEADER_SHARE}
 CONTRIBUTION_KINDS = {MessageKind.COORDINATOR_SHARE, MessageKind.CONTRIBUTION}
 Say = Callable[[str], None]
+HOLD, SEED = 0.8, 7  # the large round's data: share of customers each institution holds; seed
 
 
 def _ids(n: int) -> list[str]:
     return [f"CUST-{i:08d}" for i in range(n)]
+
+
+def institution_values(institutions: int, customers: int, specs: tuple[AttributeSpec, ...],
+                       hold: float, seed: int,
+                       ) -> Iterator[tuple[np.ndarray[Any, np.dtype[np.bool_]],
+                                           list[np.ndarray[Any, np.dtype[np.int64]]]]]:
+    """Each institution's data in turn, drawn from `seed`: which customers it holds, and for
+    each attribute the values of those customers (in the attribute's unit, not scaled)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(institutions):
+        held = rng.random(customers) < hold
+        values = []
+        for s in specs:
+            unit = 10**s.scale
+            lo, hi = max(s.min // unit, -10**7), min(s.max // unit, 10**7)
+            values.append(rng.integers(lo, hi, int(held.sum()), endpoint=True, dtype=np.int64))
+        yield held, values
 
 
 def write_data(d: Path, institutions: int, customers: int, specs: tuple[AttributeSpec, ...],
@@ -61,19 +79,15 @@ def write_data(d: Path, institutions: int, customers: int, specs: tuple[Attribut
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rng = np.random.default_rng(seed)
     ids = np.array(_ids(customers), dtype=object)
     totals = np.zeros((customers, 1 + len(specs)), dtype=np.int64)
-    for i in range(1, institutions + 1):
-        held = rng.random(customers) < hold
+    for i, (held, values) in enumerate(
+            institution_values(institutions, customers, specs, hold, seed), start=1):
         cols: dict[str, Any] = {"customer_id": pa.array(ids[held].tolist(), pa.string())}
         totals[held, 0] += 1
-        for j, s in enumerate(specs, start=1):
-            unit = 10**s.scale
-            lo, hi = max(s.min // unit, -10**7), min(s.max // unit, 10**7)
-            v = rng.integers(lo, hi, int(held.sum()), endpoint=True, dtype=np.int64)
+        for j, (s, v) in enumerate(zip(specs, values, strict=True), start=1):
             cols[s.name] = pa.array(v)
-            totals[held, j] += v * unit
+            totals[held, j] += v * 10**s.scale
         pq.write_table(pa.table(cols), d / "data" / f"bank-{i}.parquet")
         cfg = d / f"bank-{i}.toml"
         cfg.write_text(cfg.read_text().replace(f"data/bank-{i}.csv", f"data/bank-{i}.parquet"))
@@ -229,7 +243,7 @@ def compute_floor(rows: int, cols: int, n: int) -> float:
 
 
 async def large_round(bootstrap: KafkaAccess, *, customers: int, institutions: int, attributes: int,
-                      say: Say, hold: float = 0.8, seed: int = 7,
+                      say: Say, hold: float = HOLD, seed: int = SEED,
                       masks: MaskMode = MaskMode.DEALT) -> dict[str, Any]:
     specs = SPECS[:attributes]
     with tempfile.TemporaryDirectory(prefix="zerosum-bench-") as tmp:
@@ -345,7 +359,7 @@ async def small_rounds(bootstrap: KafkaAccess, *, rounds: int, in_flight: int, c
                     out = await banks[r % len(banks)].submit(
                         os.urandom(16), tokens, participants=parts,
                         attributes=("balance", "overdue_days"), scope=Scope.QUERY,
-                        timeout_s=60)
+                        deadline_s=60)
                     latencies.append(time.perf_counter() - t)
                     failures += not isinstance(out, Outcome)
 
@@ -451,7 +465,7 @@ async def paillier(bootstrap: KafkaAccess, *, customers: int, institutions: int,
             t1 = time.perf_counter()
             out = await b1.submit(os.urandom(16), tokens,
                                   participants=b1.cfg.consortium.institutions,
-                                  attributes=("balance",), scope=Scope.QUERY, timeout_s=120)
+                                  attributes=("balance",), scope=Scope.QUERY, deadline_s=120)
             zs_seconds = time.perf_counter() - t1
     zs_ok = isinstance(out, Outcome) and out.totals[:, 1].tolist() == want.tolist()
     res = {"customers": customers, "institutions": institutions, "key_bits": 2048,
@@ -508,10 +522,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("seconds")
         ax.grid(True, alpha=0.3)
-        ax.legend()
         if label == "customers":
             ax.set_xscale("log")
             ax.set_yscale("log")
+    if "peers" in results:
+        from agents.bench_peers import draw
+        draw(a, b, results["peers"])
+    a.legend()
+    b.legend()
     a.set_title("time against customers (5 institutions)")
     b.set_title("time against institutions (100,000 customers)")
     fig.tight_layout()
@@ -542,6 +560,9 @@ async def run_all(bootstrap: KafkaAccess, scenarios: list[str], *, customers: in
         say(f"Paillier against zerosum: {paillier_customers:,} customers, 5 institutions")
         results["paillier"] = await paillier(bootstrap, customers=paillier_customers,
                                              institutions=5, say=say)
+    if "peers" in scenarios:
+        from agents.bench_peers import beside_zerosum
+        results["peers"] = await beside_zerosum(bootstrap, results.get("large_round"), say=say)
     if "scaling" in scenarios:
         by_c, by_n = [], []
         for c in sorted({10_000, 100_000, customers}):
@@ -719,7 +740,9 @@ def main(*, scenarios: list[str], customers: int, institutions: int, attributes:
     runs = [results, results.get("cluster", {}).get("figures", {})]
     correct = all(r.get(k, {}).get(f, True) for r in runs for k, f in
                   (("large_round", "correct"), ("paillier", "zerosum_correct"),
-                   ("paillier", "paillier_correct")))
+                   ("paillier", "paillier_correct"), ("peers", "zerosum_correct")))
+    correct = correct and all(results.get("peers", {}).get(p, {}).get("correct", True)
+                              for p in ("mpyc", "tenseal"))
     correct = correct and results.get("masks", {}).get("large_round.correct", True)
     failures = sum(r.get("small_rounds", {}).get("failures", 0) for r in runs) + results.get(
         "masks", {}).get("small_rounds.failures", 0)

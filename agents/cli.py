@@ -486,10 +486,12 @@ def _add_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                                    "compute floors), small (many rounds in flight), credit "
                                    "(1-customer rounds one at a time through the local API), "
                                    "paillier "
-                                   "(the same totals with Paillier), scaling (for --plot). "
+                                   "(the same totals with Paillier), peers (MPyC and TenSEAL "
+                                   "BFV on the totals of a 100,000 x 4 x 5 round, beside it), "
+                                   "scaling (for --plot). "
                                    "Needs the bench extra: pip install -e '.[bench]'.")
-    b.add_argument("--scenario", default="large,small,credit,paillier",
-                   help="comma-separated: large, small, credit, paillier, scaling "
+    b.add_argument("--scenario", default="large,small,credit,paillier,peers",
+                   help="comma-separated: large, small, credit, paillier, peers, scaling "
                         "(default: %(default)s)")
     b.add_argument("--customers", type=int, default=1_000_000,
                    help="customers of the large round (default: %(default)s)")
@@ -559,7 +561,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise CliError(f"{exc}; install the bench extra: pip install -e '.[bench]'") from exc
     scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
-    unknown = sorted(set(scenarios) - {"large", "small", "credit", "paillier", "scaling"})
+    unknown = sorted(set(scenarios) - {"large", "small", "credit", "paillier", "peers",
+                                          "scaling"})
     if unknown:
         raise CliError(f"--scenario: unknown {', '.join(unknown)}")
     return bench_main(scenarios=scenarios, customers=args.customers,
@@ -573,6 +576,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       compare_cluster=args.cluster)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from agents import keys
+
+    if (args.party is None) == (not args.token_key):
+        raise CliError("name one of --party P or --token-key")
+    try:
+        if args.keys_cmd == "rotate":
+            done = (keys.rotate_party(args.config, args.party, grace_s=args.grace)
+                    if args.party else keys.rotate_token_key(args.config))
+        else:
+            done = (keys.retire_party(args.config, args.party) if args.party
+                    else keys.retire_token_keys(args.config))
+    except (ConfigError, OSError, KeyError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    what = f"{done.party}'s keys" if args.party else "the consortium token key"
+    print(f"{what}: epoch {done.epoch}; wrote " + ", ".join(str(f) for f in done.files))
+    return 0
+
+
+def _add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("keys", help="rotate a party's keys or the consortium token key",
+                       description="Rotate keys as a new epoch, in a consortium directory "
+                       "written by `zerosum init`. Running agents pick the new files up by "
+                       "themselves.")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True, metavar="{rotate,retire}")
+    for name, text in (
+            ("rotate", "new keys as a new epoch; the previous epoch stays in its grace "
+                       "until grace_until (rounds in flight finish), older ones are retired; "
+                       "run it again after a crash to complete it"),
+            ("retire", "end the grace now: past epochs are refused from here on")):
+        q = ksub.add_parser(name, help=text, description=text)
+        q.add_argument("--config", type=Path, required=True, metavar="CONSORTIUM_TOML",
+                       help="consortium.toml (keys are under keys/ beside it)")
+        q.add_argument("--party", help="the party whose signing and KEM keys rotate")
+        q.add_argument("--token-key", action="store_true",
+                       help="the institutions' consortium token key instead")
+        if name == "rotate":
+            q.add_argument("--grace", type=float, metavar="SECONDS",
+                           help="with --party: how long the previous epoch stays accepted "
+                           "(grace_until = now + SECONDS; default: the policy's "
+                           "max_deadline_s)")
+        q.set_defaults(func=cmd_keys)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zerosum",
@@ -583,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_broker(sub)
     _add_agents(sub)
+    _add_keys(sub)
     return parser
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ from agents.security import (
     load_access,
     read_credentials,
 )
-from protocol.envelope import KemKind, PrivateParty, PublicParty, private_party, public_party
+from protocol.envelope import (
+    MAX_EPOCH,
+    KemKind,
+    PrivateParty,
+    PublicParty,
+    private_party,
+    public_party,
+)
 from protocol.fixedpoint import AttributeSpec, parse_decimal
 from protocol.messages import (
     DEFAULT_CHUNK_ROWS,
@@ -125,6 +133,9 @@ class Consortium:
     policy: Policy
     attributes: dict[str, AttributeSpec]
     registry: dict[str, PublicParty]
+    # (party, past key epoch) -> when its grace ends (POSIX seconds, from `grace_until`): an
+    # agent whose clock passes it records the epoch retired (`agents.retired`)
+    grace_until: dict[tuple[str, int], float] = field(default_factory=dict)
 
     @property
     def institutions(self) -> tuple[str, ...]:
@@ -182,6 +193,59 @@ def _policy(pol: Any, where: str) -> Policy:
     return Policy(**values)
 
 
+_ENTRY_FIELDS = ("kem", "signing_key", "kem_key", "epoch")
+
+
+def _epoch(table: dict[str, Any], where: str) -> int:
+    epoch: int = _get(table, "epoch", int, where) if "epoch" in table else 0
+    if not 0 <= epoch <= MAX_EPOCH:
+        raise ConfigError(f"{where}: field 'epoch' must be in 0..{MAX_EPOCH}")
+    return epoch
+
+
+def _party_entry(p: Any, where: str, name: str, topic: str
+                 ) -> tuple[PublicParty, dict[int, float]]:
+    """A [parties.<name>] entry: the current keys (`epoch`, 0 when absent) and, in
+    [[parties.<name>.earlier]], the public keys of every past epoch (`retired = true`: no
+    longer accepted by a receiver; still what the audit verifies old envelopes with;
+    `grace_until`, a date-time with its UTC offset: retired from then on), with the grace
+    ends by epoch."""
+    p = _table(p, where, (*_ENTRY_FIELDS, "earlier"))
+    earlier: list[PublicParty] = []
+    retired: set[int] = set()
+    grace: dict[int, float] = {}
+    for i, e in enumerate(_get(p, "earlier", list, where) if "earlier" in p else []):
+        ewhere = f"{where} earlier #{i + 1}"
+        e = _table(e, ewhere, (*_ENTRY_FIELDS, "retired", "grace_until"))
+        if "epoch" not in e:
+            raise ConfigError(f"{ewhere}: missing field 'epoch'")
+        earlier.append(_public(e, ewhere, name, topic))
+        if e.get("retired", False) is True:
+            retired.add(earlier[-1].epoch)
+        if "grace_until" in e:
+            until = e["grace_until"]
+            if not isinstance(until, datetime) or until.tzinfo is None:
+                raise ConfigError(f"{ewhere}: field 'grace_until' must be a date-time with "
+                                  "its UTC offset (1979-05-27T07:32:00Z)")
+            grace[earlier[-1].epoch] = until.timestamp()
+    current = _public(p, where, name, topic)
+    epochs = [current.epoch, *(e.epoch for e in earlier)]
+    if len(set(epochs)) != len(epochs) or any(e >= current.epoch for e in epochs[1:]):
+        raise ConfigError(f"{where}: every earlier epoch must be distinct and below the "
+                          f"current epoch {current.epoch}")
+    return replace(current, earlier=tuple(earlier), retired=frozenset(retired)), grace
+
+
+def _public(p: dict[str, Any], where: str, name: str, topic: str) -> PublicParty:
+    kem = _kem(p, where)
+    try:
+        return public_party(name, signing_key=_hex(p, "signing_key", where, 32), kem=kem,
+                            kem_key=_hex(p, "kem_key", where), topic=topic,
+                            epoch=_epoch(p, where))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
 def load_consortium(path: Path) -> Consortium:
     raw = _load(path)
     w = str(path)
@@ -204,24 +268,20 @@ def load_consortium(path: Path) -> Consortium:
             raise ConfigError(f"{where}: {exc}") from exc
         attributes[name] = spec
     registry: dict[str, PublicParty] = {}
+    grace: dict[tuple[str, int], float] = {}
     for name, p in _get(raw, "parties", dict, w).items():
         where = f"{w} [parties.{name}]"
         try:
             check_party(name)
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
-        kem = _kem(p, where)
-        try:
-            registry[name] = public_party(
-                name, signing_key=_hex(p, "signing_key", where, 32), kem=kem,
-                kem_key=_hex(p, "kem_key", where), topic=topic_for(cid, name))
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from exc
+        registry[name], until = _party_entry(p, where, name, topic_for(cid, name))
+        grace.update({(name, e): t for e, t in until.items()})
     coordinator = _get(head, "coordinator", str, f"{w} [consortium]")
     if coordinator not in registry:
         raise ConfigError(f"{w}: coordinator {coordinator!r} has no [parties] entry")
     return Consortium(path, cid, _get(head, "bootstrap", str, f"{w} [consortium]"), coordinator,
-                      policy, attributes, registry)
+                      policy, attributes, registry, grace)
 
 
 MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with its NUL
@@ -363,12 +423,17 @@ class PartyConfig:
     state_dir: Path
     bootstrap: str
     log_format: str
-    consortium_key: bytes | None  # institutions only
+    consortium_key: bytes | None = field(repr=False)  # institutions only
     data: Path | None  # institutions only
     kafka: KafkaAccess  # bootstrap and, in secure mode, the party's SCRAM credential
     api: ApiConfig = ApiConfig()
     app: AppConfig | None = None  # institutions only: [app], the application bus
     metrics_port: int | None = None  # /metrics on 127.0.0.1 (0: a free port); None: off
+    private_key: Path | None = None  # the key file (past epochs: `archived_key` beside it)
+    consortium_key_path: Path | None = None  # institutions only
+    token_epoch: int = 0  # of `consortium_key`
+    # the token keys of past epochs still held (rounds asked before a rotation), by epoch
+    earlier_token_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def api_socket(self) -> Path:
@@ -391,17 +456,105 @@ def _check_private_file(path: Path) -> None:
         raise ConfigError(str(exc)) from exc
 
 
-def load_private_key(path: Path, party: str) -> PrivateParty:
+def archived_key(path: Path, epoch: int) -> Path:
+    """Where `zerosum keys rotate` keeps the KEM private key of a past `epoch` of the key file
+    `path` (`bank-1.key` -> `bank-1.epoch-0.key`), mode 600; never its signing seed."""
+    return path.with_name(f"{path.stem}.epoch-{epoch}{path.suffix}")
+
+
+def pending_key(path: Path) -> Path:
+    """Where `zerosum keys rotate` writes the next epoch's keys before it lists them in the
+    consortium file, and from where it then replaces `path` (`bank-1.key.next`)."""
+    return path.with_name(f"{path.name}.next")
+
+
+def _archived_epochs(path: Path) -> list[int]:
+    found = []
+    for p in path.parent.glob(f"{path.stem}.epoch-*{path.suffix}"):
+        tail = p.name[len(path.stem) + len(".epoch-"):len(p.name) - len(path.suffix)]
+        if tail.isdigit():
+            found.append(int(tail))
+    return sorted(found)
+
+
+def _private_file(path: Path) -> tuple[dict[str, Any], int]:
+    _check_private_file(path)
+    raw = _load(path)
+    return raw, _epoch(raw, str(path))
+
+
+def load_private_key(path: Path, party: str, epoch: int | None = None) -> PrivateParty:
+    """The private keys of `party` in the key file `path` (of the `epoch` the consortium file
+    names: the file itself, or an archived one beside it), with the KEM keys of every past
+    epoch archived beside it (what was sealed to them can still be opened)."""
+    main = path
+    raw, found = _private_file(path)
+    if epoch is not None and epoch != found:
+        # a rotation between its steps: the consortium file lists the new keys already, the
+        # key file is replaced last (`agents.keys`)
+        if not pending_key(main).exists():
+            raise ConfigError(f"{main}: holds key epoch {found}, the consortium file lists "
+                              f"{party} at epoch {epoch} (an interrupted `zerosum keys "
+                              "rotate`: run it again; or a consortium file not yet updated)")
+        path = pending_key(main)
+        raw, found = _private_file(path)
+        if found != epoch:
+            raise ConfigError(f"{path}: holds key epoch {found}, not {epoch}")
+    w = str(path)
+    earlier = []
+    for e in _archived_epochs(main):
+        if e < found:
+            old, _ = _private_file(archived_key(main, e))
+            where = str(archived_key(main, e))
+            earlier.append((e, _kem(old, where), _hex(old, "kem_private", where)))
+    try:
+        return private_party(party, signing_seed=_hex(raw, "signing_seed", w, 32),
+                             kem=_kem(raw, w), kem_private=_hex(raw, "kem_private", w),
+                             secret=_hex(raw, "secret", w, 32), epoch=found,
+                             earlier_kem=tuple(earlier))
+    except ValueError as exc:
+        raise ConfigError(f"{w}: {exc}") from exc
+
+
+def load_token_keys(path: Path) -> tuple[int, bytes, dict[int, bytes]]:
+    """The consortium (token) key file: its current epoch and key, and the keys of the past
+    epochs it still holds ([[earlier]] tables of epoch and key)."""
     _check_private_file(path)
     raw = _load(path)
     w = str(path)
-    kem = _kem(raw, w)
-    try:
-        return private_party(party, signing_seed=_hex(raw, "signing_seed", w, 32),
-                             kem=kem, kem_private=_hex(raw, "kem_private", w),
-                             secret=_hex(raw, "secret", w, 32))
-    except ValueError as exc:
-        raise ConfigError(f"{w}: {exc}") from exc
+    raw = _table(raw, w, ("key", "epoch", "earlier"))
+    epoch = _epoch(raw, w)
+    earlier: dict[int, bytes] = {}
+    for i, e in enumerate(_get(raw, "earlier", list, w) if "earlier" in raw else []):
+        where = f"{w} earlier #{i + 1}"
+        e = _table(e, where, ("key", "epoch"))
+        if "epoch" not in e:
+            raise ConfigError(f"{where}: missing field 'epoch'")
+        earlier[_epoch(e, where)] = _hex(e, "key", where, CONSORTIUM_KEY_BYTES)
+    if epoch in earlier:
+        raise ConfigError(f"{w}: epoch {epoch} is both current and earlier")
+    return epoch, _hex(raw, "key", w, CONSORTIUM_KEY_BYTES), earlier
+
+
+def with_keys(cfg: PartyConfig, consortium: Consortium) -> PartyConfig:
+    """`cfg` under `consortium`, with the party's private keys of the epoch `consortium`
+    lists for it and the token keys as their file says now. ConfigError if `consortium` no
+    longer lists the party, or its private keys of that epoch are not there or do not match."""
+    entry = consortium.registry.get(cfg.party)
+    if entry is None:
+        raise ConfigError(f"{consortium.path} no longer lists {cfg.party}")
+    keys = cfg.keys
+    if cfg.private_key is not None:
+        keys = load_private_key(cfg.private_key, cfg.party, entry.epoch)
+    if keys.epoch != entry.epoch or \
+            keys.signing_key.public_key() != entry.signing_key:
+        raise ConfigError(f"{cfg.private_key}: the private key of {cfg.party} does not match "
+                          f"its public key (epoch {entry.epoch}) in {consortium.path}")
+    cfg = replace(cfg, consortium=consortium, keys=keys)
+    if cfg.consortium_key_path is not None:
+        epoch, key, earlier = load_token_keys(cfg.consortium_key_path)
+        cfg = replace(cfg, consortium_key=key, token_epoch=epoch, earlier_token_keys=earlier)
+    return cfg
 
 
 def load_party(path: Path) -> PartyConfig:
@@ -417,15 +570,16 @@ def load_party(path: Path) -> PartyConfig:
     consortium = load_consortium(rel("consortium"))
     if party not in consortium.registry:
         raise ConfigError(f"{w}: party {party!r} is not in {consortium.path}")
-    keys = load_private_key(rel("private_key"), party)
+    private = rel("private_key")
+    keys = load_private_key(private, party, consortium.registry[party].epoch)
     if keys.signing_key.public_key() != consortium.registry[party].signing_key:
         raise ConfigError(f"{w}: private_key does not match {party}'s public key in "
                           f"{consortium.path}")
-    ckey = data = None
+    ckey = data = kpath = None
+    token_epoch, earlier_tokens = 0, dict[int, bytes]()
     if party != consortium.coordinator:
         kpath = rel("consortium_key")
-        _check_private_file(kpath)
-        ckey = _hex(_load(kpath), "key", str(kpath), CONSORTIUM_KEY_BYTES)
+        token_epoch, ckey, earlier_tokens = load_token_keys(kpath)
         data = rel("data")
     log_format = raw.get("log_format", "text")
     if log_format not in ("text", "json"):
@@ -447,7 +601,8 @@ def load_party(path: Path) -> PartyConfig:
         if not 0 <= metrics_port <= 65535:
             raise ConfigError(f"{w}: field 'metrics_port' must be 0..65535")
     return PartyConfig(path, party, consortium, keys, rel("state_dir"), str(bootstrap),
-                       log_format, ckey, data, kafka, api, app, metrics_port)
+                       log_format, ckey, data, kafka, api, app, metrics_port, private, kpath,
+                       token_epoch, earlier_tokens)
 
 
 class ConsortiumFile:
@@ -458,12 +613,8 @@ class ConsortiumFile:
         self.current = consortium
         self._stamp = self._stat()
 
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.current.path)
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
+    def _stat(self) -> tuple[int, int, int] | None:
+        return file_stamp(self.current.path)
 
     def refresh(self) -> Consortium | None:
         """The new consortium when the file changed and loads, else None. ConfigError when it
@@ -479,3 +630,41 @@ class ConsortiumFile:
                               "while agents run")
         self.current = new
         return new
+
+
+def file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells a file changed (a file replaced by a rename is a new inode)."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class PartyFiles:
+    """What a running agent reads again when it changes: the consortium file (parties,
+    policy, everyone's key epochs: a rotated party's agent takes its new private keys from
+    there) and, at an institution, its consortium key file (token key epochs)."""
+
+    def __init__(self, cfg: PartyConfig) -> None:
+        self.cfg = cfg
+        self._consortium = ConsortiumFile(cfg.consortium)
+        self._tokens = file_stamp(cfg.consortium_key_path)
+
+    def refresh(self) -> PartyConfig | None:
+        """The party's configuration when one of the files changed and it loads, else None.
+        ConfigError when a file changed but cannot be used: the caller logs it and keeps the
+        last good configuration (which this then keeps too)."""
+        new = self._consortium.refresh()
+        tokens = file_stamp(self.cfg.consortium_key_path)
+        if new is None and tokens == self._tokens:
+            return None
+        self._tokens = tokens
+        try:
+            self.cfg = with_keys(self.cfg, new or self.cfg.consortium)
+        except ConfigError:
+            self._consortium.current = self.cfg.consortium
+            raise
+        return self.cfg

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -178,15 +178,21 @@ def load_query(path: Path, key: bytes) -> tuple[list[str], Tokens]:
 
 @dataclass
 class Snapshot:
-    """The data file as last loaded successfully; reloads when the file changes."""
+    """The data file as last loaded successfully; reloads when the file changes.
+
+    `table` has its tokens under the token key of `epoch`; `earlier` holds the same data under
+    the token keys of past epochs still held (`earlier_keys`), for rounds asked under them."""
 
     path: Path
     attributes: dict[str, AttributeSpec]
-    key: bytes
+    key: bytes = field(repr=False)
     table: LocalTable | None = None
     stamp: tuple[int, int] | None = None
     loads: int = 0  # files loaded, and files refused, since start (for the metrics)
     errors: int = 0
+    epoch: int = 0
+    earlier_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
+    earlier: dict[int, LocalTable] = field(default_factory=dict, repr=False)
 
     def refresh(self) -> LocalTable:
         """Reload if the file changed; on a bad file keep (and return) the last good table."""
@@ -203,7 +209,7 @@ class Snapshot:
         if stamp == self.stamp and self.table is not None:
             return self.table
         try:
-            table = load_table(self.path, self.attributes, self.key)
+            table, earlier = self._load(self.key, self.earlier_keys)
         except DataFileError as exc:
             if self.table is None:
                 raise
@@ -211,7 +217,23 @@ class Snapshot:
             self.stamp = stamp
             self.errors += 1
             return self.table
-        self.table, self.stamp = table, stamp
+        self.table, self.earlier, self.stamp = table, earlier, stamp
         self.loads += 1
         log.info("loaded %d customers from %s", len(table), self.path)
         return table
+
+    def _load(self, key: bytes, earlier_keys: dict[int, bytes]
+              ) -> tuple[LocalTable, dict[int, LocalTable]]:
+        return (load_table(self.path, self.attributes, key),
+                {e: load_table(self.path, self.attributes, k) for e, k in earlier_keys.items()})
+
+    def rekey(self, epoch: int, key: bytes, earlier_keys: dict[int, bytes]) -> None:
+        """The token keys rotated: load the data under them now. DataFileError (and nothing
+        changed) when the file cannot be loaded: a table is never labelled with an epoch its
+        tokens are not under."""
+        table, earlier = self._load(key, earlier_keys)
+        self.key, self.epoch, self.earlier_keys = key, epoch, dict(earlier_keys)
+        self.table, self.earlier = table, earlier
+        self.loads += 1
+        log.info("token key epoch %d: loaded %d customers from %s", epoch, len(table),
+                 self.path)

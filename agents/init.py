@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agents.config import KEM_NAME_OF, topic_for
+from agents.config import topic_for
+from agents.keys import new_party_keys, write_atomic
 from agents.security import write_consortium_security
-from protocol.envelope import KemKind, kem_keys
+from protocol.envelope import KemKind
 from protocol.fixedpoint import AttributeSpec
 from protocol.messages import MaskMode, check_party
 
@@ -28,29 +28,14 @@ def _toml(table: dict[str, Any], comment: str = "") -> str:
     return lines + tomli_w.dumps(table)
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o600)
-
-
 def _party_keys(directory: Path, name: str, kem: KemKind) -> dict[str, str]:
     """Write `keys/<name>/<name>.key` (mode 600); return the party's [parties] entry.
 
     Each party's secrets are in a directory of their own, to be handed to that party alone:
     the consortium key (institutions only) is never beside the coordinator's key."""
-    signing_seed = os.urandom(32)
-    kem_private = os.urandom(32 if kem is KemKind.X25519 else 96)
-    _, _, kem_pub = kem_keys(kem, kem_private)
-    kem_name = KEM_NAME_OF[kem]
-    _write_private(directory / "keys" / name / f"{name}.key", _toml({
-        "kem": kem_name, "signing_seed": signing_seed.hex(), "kem_private": kem_private.hex(),
-        "secret": os.urandom(32).hex()}))
-    sign_pub = ed25519.Ed25519PrivateKey.from_private_bytes(signing_seed).public_key()
-    return {"kem": kem_name, "signing_key": sign_pub.public_bytes_raw().hex(),
-            "kem_key": kem_pub.hex()}
+    private, public = new_party_keys(kem)
+    write_atomic(directory / "keys" / name / f"{name}.key", _toml(private), private=True)
+    return public
 
 
 POLICY_COMMENT = """The consortium's floors: the coordinator and every institution enforce them,
@@ -108,7 +93,8 @@ def init_consortium(directory: Path, *, institutions: int, customers: int, boots
     universe = max(customers * 2, 10)
     for name in names:
         parties[name] = _party_keys(directory, name, kem)
-        _write_private(directory / "keys" / name / "consortium.key", _toml({"key": ckey}))
+        write_atomic(directory / "keys" / name / "consortium.key", _toml({"key": ckey}),
+                     private=True)
         data = directory / "data" / f"{name}.csv"
         data.parent.mkdir(exist_ok=True)
         with open(data, "w") as fh:

@@ -112,7 +112,7 @@ class KafkaAdmin:
         """Create the missing inbox topics with the audit settings; return those created."""
         from kafka.errors import TopicAlreadyExistsError
 
-        from agents.agent import topic_settings
+        from agents.kafka_bus import topic_settings
 
         partitions, wanted, configs = topic_settings()
         existing = set(self._client.list_topics())

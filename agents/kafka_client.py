@@ -66,7 +66,7 @@ async def prepare_topics(access: KafkaAccess, topics: list[str]) -> None:
     if access.secure:
         await check_topics(access, topics)
         return
-    from agents.agent import ensure_topics  # the agent module imports this one
+    from agents.kafka_bus import ensure_topics  # that module imports this one
 
     await ensure_topics(access, topics)
 

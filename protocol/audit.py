@@ -1,6 +1,8 @@
 """Audit: records replayed from the topics in; findings and one report per round out. Pure.
 
-With public keys only: every signature; that each envelope sits in its recipient's topic; each
+With public keys only: every signature (with the sender's key of the epoch the envelope names:
+the consortium file keeps every past epoch's public keys), that no sender signs with an older
+key epoch after a newer one along its chain; that each envelope sits in its recipient's topic; each
 sender's sequence numbers and hash chain across all topics (a gap, a fork or a reorder is named
 with its topic, partition and offset); and each round's transcript against the protocol: one
 request, masks to the participants, the query to one leader, shares from the leader,
@@ -150,7 +152,9 @@ class _Chain:
     next_seq: int = 0
     last_digest: bytes = b""
     started: bool = False
-    pending: dict[int, tuple[bytes, bytes, Location, bytes]] = field(default_factory=dict)
+    pending: dict[int, tuple[bytes, bytes, Location, bytes, int]] = field(default_factory=dict)
+    epoch: int = 0  # the sender's key epoch, along its chain: it never goes back
+    epoch_seq: int = 0  # the first envelope of the chain under `epoch`
     seen: dict[int, bytes] = field(default_factory=dict)  # recent seq -> digest (forks)
     marked: set[int] = field(default_factory=set)  # of `seen`: the copy read was a re-send
 
@@ -278,13 +282,20 @@ class Auditor:
                                                          f"arrived after {c.next_seq - 1}",
                                          h.round_id))
             return True
-        c.pending[h.seq] = (digest, h.prev, loc, h.round_id)
+        c.pending[h.seq] = (digest, h.prev, loc, h.round_id, h.sender_epoch)
         while c.next_seq in c.pending:
-            d, prev, ploc, prid = c.pending.pop(c.next_seq)
+            d, prev, ploc, prid, epoch = c.pending.pop(c.next_seq)
             if c.last_digest and prev != c.last_digest:
                 self.findings.append(Finding(ploc, "chain", f"envelope {c.next_seq} of "
                                              f"{h.sender} does not follow {c.next_seq - 1}",
                                              prid))
+            if epoch < c.epoch:  # a key is not used again once its successor has signed
+                self.findings.append(Finding(ploc, "key epoch", f"envelope {c.next_seq} of "
+                                             f"{h.sender} is signed with key epoch {epoch} "
+                                             f"after envelope {c.epoch_seq} with epoch "
+                                             f"{c.epoch}", prid))
+            elif epoch > c.epoch:
+                c.epoch, c.epoch_seq = epoch, c.next_seq
             c.last_digest = d
             c.next_seq += 1
         return True
@@ -294,7 +305,7 @@ class Auditor:
         for sender, c in self._chains.items():
             if c.pending:
                 first = min(c.pending)
-                _, _, loc, rid = c.pending[first]
+                _, _, loc, rid, _ = c.pending[first]
                 self.findings.append(Finding(loc, "gap", f"sequence of {sender} jumps from "
                                              f"{c.next_seq - 1} to {first} (missing "
                                              f"{c.next_seq}..{first - 1})", rid))

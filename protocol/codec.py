@@ -56,6 +56,10 @@ class _Field:
     name: str
     kind: FieldKind | type
     many: bool = False  # tuple[kind, ...]
+    # a field with a default is left out of the bytes while it has that value (so messages
+    # from before the field existed read as they were written, and encode to the same bytes)
+    optional: bool = False
+    default: Any = None
 
 
 _FIELDS: dict[MessageKind, tuple[_Field, ...]] = {}
@@ -71,11 +75,14 @@ def _fields(cls: type[Message]) -> tuple[_Field, ...]:
         hint = hints[f.name]
         meta = getattr(hint, "__metadata__", ())
         if meta and isinstance(meta[0], FieldKind):
-            out.append(_Field(f.name, meta[0]))
+            field = _Field(f.name, meta[0])
         elif typing.get_origin(hint) is tuple:
-            out.append(_Field(f.name, typing.get_args(hint)[0], many=True))
+            field = _Field(f.name, typing.get_args(hint)[0], many=True)
         else:
-            out.append(_Field(f.name, hint))
+            field = _Field(f.name, hint)
+        if f.default is not dataclasses.MISSING:
+            field = dataclasses.replace(field, optional=True, default=f.default)
+        out.append(field)
     _FIELDS[cls.KIND] = tuple(out)
     return _FIELDS[cls.KIND]
 
@@ -102,6 +109,8 @@ def encode(msg: Message) -> bytes:
     for f in _fields(type(msg)):
         kind = f.kind
         value = getattr(msg, f.name)
+        if f.optional and type(value) is type(f.default) and value == f.default:
+            continue
         body[f.name] = _encode_value(kind, value)
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -249,6 +258,8 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     kwargs: dict[str, Any] = {}
     for f in fields:
         if f.name not in body:
+            if f.optional:
+                continue
             raise MissingField(f"missing from {cls.__name__}", path=f.name)
         raw = body[f.name]
         try:

@@ -118,8 +118,8 @@ class CoordinatorRound(RoundMachine):
     def leader(self) -> str:
         return self.assignment.leader if self.assignment else ""
 
-    def may_send(self, sender: str) -> bool:
-        return self.assignment is None or sender in self.assignment.participants
+    def senders(self) -> frozenset[str] | None:
+        return None if self.assignment is None else frozenset(self.assignment.participants)
 
     def missing(self) -> tuple[str, ...]:
         """Participants a chunk is still due from (the leader while its last is unknown)."""
@@ -172,7 +172,7 @@ class CoordinatorRound(RoundMachine):
                               req.scope, req.min_holders, req.deadline_ms, int(req.query.size),
                               query_digest(chunk_digests), pol.chunk_rows, chunk_digests,
                               pol.masks, np.zeros(width, dtype=np.uint64),
-                              bytes(SIGNATURE_BYTES))
+                              bytes(SIGNATURE_BYTES), req.token_epoch)
         digest = assignment_digest(core)
         attestation = self.signer.sign(attestation_statement(self.round_id, digest))
         if pol.masks is MaskMode.PAIRWISE:  # the institutions derive theirs pairwise

@@ -15,7 +15,7 @@ from typing import Any
 
 from protocol.envelope import KemKind, PrivateParty, PublicParty, kem_keys, private_party
 from protocol.fixedpoint import AttributeSpec
-from protocol.machine import Ended, Outcome, Published, SetTimer
+from protocol.machine import Deadline, Ended, Outcome, Published, SetTimer
 from protocol.party import CoordinatorParty, Event, InstitutionParty, Outgoing, Rejected
 from protocol.policy import ConsortiumPolicy
 from protocol.tokens import LocalTable
@@ -57,6 +57,8 @@ class Network:
     delivered: int = 0
     wire_log: list[bytes] = field(default_factory=list)
     topic_log: list[tuple[str, bytes]] = field(default_factory=list)  # (topic, wire) as sent
+    # every party's inputs in the order it took them: what a replay of its inbox feeds it
+    inputs: dict[str, list[bytes | Deadline]] = field(default_factory=lambda: defaultdict(list))
 
     def party(self, name: str) -> CoordinatorParty | InstitutionParty:
         return self.coordinator if name == self.coordinator.me.party_id else \
@@ -88,15 +90,21 @@ class Network:
                 for _ in range(self.rng.randint(1, 3)):
                     self.in_flight.insert(self.rng.randrange(len(self.in_flight) + 1),
                                           (recipient, wire, True))
-            self.delivered += 1
-            self.take(recipient, self.party(recipient).receive(wire))
+            self.deliver(recipient, wire)
         raise RuntimeError("the network did not settle")
+
+    def deliver(self, recipient: str, wire: bytes) -> None:
+        """One envelope into `recipient`'s inbox, now."""
+        self.delivered += 1
+        self.inputs[recipient].append(wire)
+        self.take(recipient, self.party(recipient).receive(wire))
 
     def expire(self, now_ms: int) -> None:
         """Time moves to `now_ms`: every timer due by then fires, then deliveries run."""
         due = sorted((at, who, rid) for (who, rid), at in self.timers.items() if at <= now_ms)
         for _, who, rid in due:
             del self.timers[(who, rid)]
+            self.inputs[who].append(Deadline(rid))
             self.take(who, self.party(who).deadline(rid))
         self.run()
 

@@ -28,6 +28,7 @@ class AbortReason(IntEnum):
     POLICY = 13  # the round breaks the consortium's policy (floors, subsets)
     INCONSISTENT = 14  # a message computed on another assignment or other rows than the round's
     DIFFERENCING = 15  # two published totals could differ by one institution's values alone
+    TOKEN_EPOCH = 16  # the round's customer tokens are under a token key epoch not held here
 
 
 class ZerosumError(Exception):
@@ -111,6 +112,21 @@ class UnknownSender(EnvelopeError):
     reason = AbortReason.BAD_SIGNATURE
 
 
+class UnknownEpoch(EnvelopeError):
+    """An envelope signed with, or sealed to, a key epoch the receiver does not know or hold
+    (a consortium file not yet reloaded, or a key already destroyed)."""
+
+    reason = AbortReason.BAD_SIGNATURE
+
+
+class RetiredKey(EnvelopeError):
+    """An envelope, or a statement inside a message, under a key epoch this party no longer
+    accepts: retired from the inbox position of the input (the agent's record), or older than
+    an epoch its sender has already been seen signing with."""
+
+    reason = AbortReason.BAD_SIGNATURE
+
+
 class WrongRecipient(EnvelopeError):
     reason = AbortReason.UNEXPECTED_MESSAGE
 
@@ -153,6 +169,11 @@ class ChunkError(EnvelopeError):
     pass
 
 
+class PartialExpired(ChunkError):
+    """A chunked message still unfinished `expire_after` inbox positions after its first part
+    arrived: its parts are dropped, so that a lone part cannot hold the party's state open."""
+
+
 # -- rounds -----------------------------------------------------------------------------------
 class RoundError(RemoteProtocolError):
     pass
@@ -191,6 +212,24 @@ class QuotaExceeded(EnvelopeError):
 
 class UnexpectedMessage(RoundError):
     reason = AbortReason.UNEXPECTED_MESSAGE
+
+
+class EarlyExpired(RoundError):
+    """A message kept for a round not open here (a leader's share that overtook the
+    assignment) whose round did not open within `expire_after` inbox positions: dropped."""
+
+    reason = AbortReason.WRONG_ROUND
+
+
+# -- snapshots --------------------------------------------------------------------------------
+class NotQuiescent(LocalProtocolError):
+    """A snapshot was asked for while a round runs, a message waits for its round or a chunked
+    message is half read: only a quiescent party can be snapshotted."""
+
+
+class SnapshotError(ZerosumError):
+    """Bytes that are not a usable snapshot of this party (corrupt, foreign, another version,
+    or taken under another configuration): restore nothing, replay the inbox instead."""
 
 
 # -- values -----------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ A share or query that arrives before the assignment is kept until the assignment
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import ClassVar, TypeVar
@@ -56,6 +58,7 @@ from protocol.messages import (
     MaskAssignment,
     MaskMode,
     RoundAbort,
+    RoundRequest,
     RoundResult,
     Scope,
     ends_elsewhere,
@@ -98,10 +101,52 @@ class InstitutionContext:
     signer: Signer
     guard: DifferencingGuard | None = None
     grace_ms: int = DEFAULT_GRACE_MS
+    token_epoch: int = 0  # the token key epoch of `table`
+    earlier_tables: Mapping[int, LocalTable] = field(default_factory=dict)  # by token epoch
+    # round id -> the terms of the request this institution sent for it (`request_terms`)
+    requested: Mapping[bytes, RequestTerms] = field(default_factory=dict)
 
     @property
     def attributes(self) -> dict[str, AttributeSpec]:
         return self.policy.attributes
+
+    def table_of(self, token_epoch: int) -> LocalTable | None:
+        """The data with tokens under the token key of `token_epoch`, None if not held."""
+        if token_epoch == self.token_epoch:
+            return self.table
+        return self.earlier_tables.get(token_epoch)
+
+
+@dataclass(frozen=True)
+class RequestTerms:
+    """What a requester asked for, as its round's assignment must repeat it."""
+
+    token_epoch: int
+    scope: Scope
+    participants: tuple[str, ...]
+    attributes: tuple[str, ...]
+    min_holders: int
+    deadline_ms: int
+    query_size: int
+    query_digest: bytes
+
+    def mismatch(self, a: MaskAssignment) -> str | None:
+        """The first term `a` does not repeat, described; None if it repeats them all."""
+        got = RequestTerms(a.token_epoch, a.scope, a.participants,
+                           tuple(s.name for s in a.attributes), a.min_holders, a.deadline_ms,
+                           a.query_size, a.query_digest)
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(got, f.name)
+            if mine != theirs:
+                return f"{f.name} is {theirs!r} in the assignment, {mine!r} in the request"
+        return None
+
+
+def request_terms(req: RoundRequest, chunk_rows: int) -> RequestTerms:
+    """`req`'s terms, its query's digest over chunks of the policy's `chunk_rows`."""
+    return RequestTerms(req.token_epoch, req.scope, req.participants, req.attributes,
+                        req.min_holders, req.deadline_ms, int(req.query.size),
+                        query_digest(query_chunk_digests(req.query, chunk_rows)))
 
 
 @dataclass
@@ -131,6 +176,7 @@ class InstitutionRound(RoundMachine):
         self.queries: dict[int, Tokens] = {}  # the leader's query chunks ahead of their turn
         self.joined = 0  # the leader's query chunks joined
         self.unshared = _Joined()
+        self.table = ctx.table  # the data under the round's token epoch (set by its assignment)
 
     @property
     def tokens(self) -> Tokens | None:
@@ -140,9 +186,9 @@ class InstitutionRound(RoundMachine):
         return np.concatenate([self.chunks[k] for k in range(self.last + 1)]) if \
             self.last else self.chunks[0]
 
-    def may_send(self, sender: str) -> bool:
+    def senders(self) -> frozenset[str] | None:
         a = self.assignment
-        return sender == self.ctx.coordinator or a is None or sender in a.participants
+        return None if a is None else frozenset((self.ctx.coordinator, *a.participants))
 
     def abort(self, reason: AbortReason, detail: str,
               culprits: tuple[str, ...] = ()) -> list[Output]:
@@ -176,6 +222,12 @@ class InstitutionRound(RoundMachine):
                                  attestation_statement(self.round_id, self.digest)):
             return self._refuse("the assignment's attestation does not verify",
                                 AbortReason.INCONSISTENT, coord)
+        asked = ctx.requested.get(self.round_id) if a.requester == ctx.me else None
+        if asked is not None and (problem := asked.mismatch(a)):
+            # a coordinator that changes a request (its token epoch, query, scope, ...) would
+            # otherwise hand back a result that answers another question
+            return self._refuse(f"the assignment of the round it asked for differs from its "
+                                f"request: {problem}", AbortReason.INCONSISTENT, coord)
         # the consortium's floors, checked against this institution's own copy
         if problem := ctx.policy.problem(a.participants, a.min_holders, a.query_size, a.masks,
                                          a.chunk_rows):
@@ -186,12 +238,18 @@ class InstitutionRound(RoundMachine):
         if ctx.guard is not None and ctx.policy.allow_subsets and (
                 problem := ctx.guard.problem(a.participants)):
             return self._refuse(problem, AbortReason.DIFFERENCING, (ctx.coordinator,))
+        table = ctx.table_of(a.token_epoch)
+        if table is None:
+            return self._refuse(f"the round's tokens are under token key epoch "
+                                f"{a.token_epoch}, which this institution does not hold "
+                                f"(current: {ctx.token_epoch})", AbortReason.TOKEN_EPOCH)
+        self.table = table
         for spec in a.attributes:
             mine = ctx.attributes.get(spec.name)
             if mine != spec:
                 return self._refuse(f"attribute {spec.name!r} differs from the local "
                                     f"configuration ({mine} here, {spec} in the round)")
-            if spec.name not in ctx.table.columns:
+            if spec.name not in table.columns:
                 return self._refuse(f"the local data has no column {spec.name!r}")
         if ctx.guard is not None:
             ctx.guard.record(a.participants)
@@ -253,15 +311,15 @@ class InstitutionRound(RoundMachine):
 
     def _join(self, query: Tokens) -> str:
         """Join one query chunk into the leader's rows of I not yet shared."""
-        a, ctx, p = self.assignment, self.ctx, self.unshared
+        a, p = self.assignment, self.unshared
         assert a is not None
         if a.scope is Scope.INTERSECTION:
-            found, _ = ctx.table.locate(query)
+            found, _ = self.table.locate(query)
             tokens = query[found]
         else:
             tokens = query
         try:
-            p.values.append(ctx.table.aligned(tokens, self._names()))
+            p.values.append(self.table.aligned(tokens, self._names()))
         except DataError as exc:
             return str(exc)
         p.tokens.append(tokens)
@@ -320,7 +378,7 @@ class InstitutionRound(RoundMachine):
             return self._refuse(f"{sender} ended I at two different chunks",
                                 AbortReason.INCONSISTENT, (sender,))
         try:
-            x = ctx.table.aligned(s.tokens, self._names())
+            x = self.table.aligned(s.tokens, self._names())
         except DataError as exc:
             return self._refuse(str(exc))
         start = s.chunk * a.chunk_rows

@@ -121,9 +121,19 @@ class RoundMachine:
     def has_seen(self, sender: str, kind: MessageKind, chunk: int = 0) -> bool:
         return (sender, kind, chunk) in self._seen
 
+    def seen_digests(self) -> dict[tuple[str, MessageKind, int], bytes]:
+        """The digest of the message taken from each (sender, kind, chunk), in the order
+        taken."""
+        return dict(self._seen)
+
+    def senders(self) -> frozenset[str] | None:
+        """Who has a part in this round (subclasses know who); None: anyone, so far."""
+        return None
+
     def may_send(self, sender: str) -> bool:
-        """Whether `sender` has a part in this round (subclasses know who)."""
-        return True
+        """Whether `sender` has a part in this round."""
+        allowed = self.senders()
+        return allowed is None or sender in allowed
 
     def handle(self, sender: str, inp: Input) -> list[Output]:
         """Feed one input from `sender` (the authenticated envelope sender, or "" for timers)."""

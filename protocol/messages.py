@@ -160,6 +160,14 @@ def _check_deadline(deadline_ms: int) -> None:
         raise ValueError("deadline_ms must be a positive epoch time in milliseconds")
 
 
+MAX_TOKEN_EPOCH = 2**32 - 1
+
+
+def _check_token_epoch(epoch: int) -> None:
+    if not 0 <= epoch <= MAX_TOKEN_EPOCH:
+        raise ValueError(f"token_epoch {epoch} is not in 0..{MAX_TOKEN_EPOCH}")
+
+
 def _check_matrix(m: U64, what: str) -> None:
     if m.dtype != np.uint64 or m.ndim != 2:
         raise ValueError(f"{what}: expected a 2-d uint64 matrix")
@@ -191,9 +199,13 @@ class RoundRequest(Message):
     min_holders: int
     deadline_ms: int
     query: TokenList  # the coordinator picks the leader at random: no request names it
+    # the epoch of the consortium token key the query's tokens are under (0 before any
+    # rotation; not on the wire then, so requests of before epochs read as epoch 0)
+    token_epoch: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_token_epoch(self.token_epoch)
         _check_participants(self.participants)
         if self.requester not in self.participants:
             raise ValueError(f"requester {self.requester!r} is not among the participants")
@@ -234,9 +246,11 @@ class MaskAssignment(Message):
     masks: MaskMode
     mask: Vector  # all zeros in pairwise mode: the coordinator deals nothing
     attestation: Signature
+    token_epoch: int = 0  # the request's: every participant joins under the same token key
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_token_epoch(self.token_epoch)
         _check_participants(self.participants)
         for who, name in (("leader", self.leader), ("requester", self.requester)):
             if name not in self.participants:

@@ -11,29 +11,55 @@ position and the digest of the envelope that opened it (`RoundOpened` tells the 
 persist it). Opening a
 known id again is refused (`ReplayedRound`) unless it is the very same input replayed from the
 same position (same envelope), which is how an agent rebuilds its state after a restart.
+
+A restart need not replay the whole inbox: a party that is `quiescent()` (no round running, no
+message waiting for its round, no chunked message half read) can be `snapshot()`ed, and a new
+party `restore()`d from those bytes continues exactly as the old one would have from the next
+inbox position (`protocol.snapshot`). What a hostile member could hold open for ever (an early
+share whose round never opens, one part of a chunked message) is dropped `expire_after` inbox
+positions after it arrived (`EarlyExpired`, `PartialExpired`), so quiescence is always reached
+once the rounds in flight end.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cryptography.exceptions import InvalidSignature
 
 from protocol.codec import DEFAULT_MAX_BYTES, decode, encode
 from protocol.coordinator import CoordinatorPolicy, CoordinatorRound
-from protocol.envelope import Chain, Delivery, Inbox, PrivateParty, PublicParty, seal
+from protocol.envelope import (
+    NO_POSITION,
+    Chain,
+    Delivery,
+    Inbox,
+    PrivateParty,
+    PublicParty,
+    seal,
+)
 from protocol.errors import (
     DuplicateRound,
+    EarlyExpired,
     HandlingFailed,
     MalformedMessage,
     NotAParticipant,
+    NotQuiescent,
     QuotaExceeded,
     ReplayedRound,
+    SnapshotError,
     UnknownRound,
     ZerosumError,
 )
-from protocol.institution import DEFAULT_GRACE_MS, InstitutionContext, InstitutionRound
+from protocol.institution import (
+    DEFAULT_GRACE_MS,
+    InstitutionContext,
+    InstitutionRound,
+    RequestTerms,
+    request_terms,
+)
 from protocol.machine import Deadline, Output, RoundMachine, Send
 from protocol.messages import (
     LeaderShare,
@@ -44,21 +70,25 @@ from protocol.messages import (
     Scope,
 )
 from protocol.policy import ConsortiumPolicy, DifferencingGuard
+from protocol.snapshot import PartySnapshot, RoundState
+from protocol.snapshot import decode as decode_snapshot
+from protocol.snapshot import encode as encode_snapshot
 from protocol.tokens import LocalTable, Tokens
 
 MAX_ROUNDS_KEPT = 100_000  # machines kept in memory; the ledger keeps every id forever
 MAX_EARLY_PER_SENDER = 64  # peers' messages kept until the coordinator opens their round
 MAX_EARLY_BYTES_PER_SENDER = 64 * 1024 * 1024
-NO_POSITION = -1
 LEDGER_DIGEST_BYTES = 8
 
 
 class Keyring:
     """Signs with this party's key and verifies with the registry's (`policy.Signer`)."""
 
-    def __init__(self, me: PrivateParty, registry: dict[str, PublicParty]) -> None:
+    def __init__(self, me: PrivateParty, registry: dict[str, PublicParty],
+                 inbox: Inbox | None = None) -> None:
         self._me = me
         self._registry = registry
+        self._inbox = inbox  # which past key epochs still verify (current key only if None)
         self._shared: dict[str, bytes] = {}  # static X25519 agreements, per peer
 
     def sign(self, statement: bytes) -> bytes:
@@ -74,14 +104,20 @@ class Keyring:
         return shared
 
     def verify(self, party: str, signature: bytes, statement: bytes) -> bool:
+        """With the party's current key, or a past one the inbox still accepts for the round
+        of the message in hand (`Inbox.signing_keys`: a statement signed before the party
+        rotated, in a round opened here before its new key was seen)."""
         peer = self._registry.get(party)
         if peer is None:
             return False
-        try:
-            peer.signing_key.verify(signature, statement)
-        except InvalidSignature:
-            return False
-        return True
+        keys_of = (peer,) if self._inbox is None else self._inbox.signing_keys(peer)
+        for keys in keys_of:
+            try:
+                keys.signing_key.verify(signature, statement)
+            except InvalidSignature:
+                continue
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -115,6 +151,10 @@ Event = Output | Outgoing | Rejected | RoundOpened
 
 
 class _Party:
+    ROLE: ClassVar[str]
+    policy: ConsortiumPolicy
+    guard: DifferencingGuard
+
     def __init__(self, me: PrivateParty, registry: dict[str, PublicParty], consortium: str,
                  *, chain: Chain | None = None, max_body_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.me = me
@@ -123,11 +163,16 @@ class _Party:
         self.chain = chain or Chain()
         self.max_body_bytes = max_body_bytes
         self.inbox = Inbox(me, registry, consortium, max_body_bytes=max_body_bytes)
-        self.keyring = Keyring(me, registry)
+        self.keyring = Keyring(me, registry, self.inbox)
         self.rounds: OrderedDict[bytes, RoundMachine] = OrderedDict()
+        self._live: dict[bytes, None] = {}  # ids of rounds that may still run, oldest first
         self.ledger: dict[bytes, tuple[int, bytes]] = {}  # id -> (position, envelope digest)
         self.sealing = True  # False while an agent replays inputs whose outputs were sent
+        # the inbox position of the last input: the one given, or (an in-memory driver gives
+        # none) the count of inputs so far minus one; what held messages expire by
+        self.last_position = NO_POSITION
         self._position = NO_POSITION
+        self.next_position = 0  # after the last input received at a position
         self._envelope = b""
         self._opened: list[RoundOpened] = []
 
@@ -136,15 +181,27 @@ class _Party:
         """One envelope from the bus, read at inbox `position` (when there is one).
 
         Never raises for anything a peer could have sent: every error is a `Rejected` event.
+        First come the messages held past `policy.expire_after` positions, dropped.
         """
+        now = position if position != NO_POSITION else self.last_position + 1
+        self.last_position = now
+        oldest = now - self.policy.expire_after
+        expired: list[Event] = [Rejected(e) for e in (*self.inbox.expire_partials(oldest),
+                                                      *self._expire_early(oldest))]
+        return expired + self._receive(wire, position)
+
+    def _receive(self, wire: bytes, position: int) -> list[Event]:
         self._position = position
+        if position != NO_POSITION:
+            self.next_position = max(self.next_position, position + 1)
         self._envelope = b""
         self._opened = []
         try:
             try:
-                delivery = self.inbox.receive(wire)
+                delivery = self.inbox.receive(wire, position, at=self.last_position)
                 if delivery is None or delivery.sender == self.me.party_id:
                     return []  # parts still due, or our own receipt of a round's end
+                self.inbox.round_id = delivery.round_id
                 self._envelope = delivery.digest[:LEDGER_DIGEST_BYTES]
                 msg = self._decode(delivery)
                 events = self._seal_outputs(self._route(delivery.sender, msg))
@@ -156,6 +213,21 @@ class _Party:
             return [*self._opened, *events]
         finally:
             self._position = NO_POSITION
+            self.inbox.position, self.inbox.round_id = NO_POSITION, b""
+
+    def rekey(self, me: PrivateParty) -> None:
+        """This party's keys rotated: sign and open with `me` from now on (it holds the KEM
+        keys of the past epochs still in their grace)."""
+        self.me = me
+        self.inbox.me = me
+        self.keyring = Keyring(me, self.registry, self.inbox)
+
+    def retire(self, party: str, epoch: int, from_position: int) -> None:
+        """`party`'s key `epoch` is refused in inputs from inbox `from_position` on, in
+        envelopes and in statements inside messages. The agent records this durably before
+        it handles that position, and passes its records again after a restart, so that a
+        replay of the inbox refuses exactly what the live run refused."""
+        self.inbox.retire(party, epoch, from_position)
 
     def _open(self, round_id: bytes, machine: RoundMachine, sender: str) -> RoundMachine:
         """Enter a new round in the ledger, or refuse an id that was used before."""
@@ -167,6 +239,7 @@ class _Party:
         if known is None:
             self.ledger[round_id] = mark
             self._opened.append(RoundOpened(round_id, *mark))
+        self.inbox.open_round(round_id)
         self._remember(round_id, machine)
         return machine
 
@@ -190,6 +263,7 @@ class _Party:
 
     def _remember(self, round_id: bytes, machine: RoundMachine) -> None:
         self.rounds[round_id] = machine
+        self._live[round_id] = None
         while len(self.rounds) > MAX_ROUNDS_KEPT:
             self.rounds.popitem(last=False)
 
@@ -216,13 +290,80 @@ class _Party:
         return Outgoing(peer.party_id, peer.topic, send.message.round_id, tuple(wires))
 
     def running(self) -> list[bytes]:
-        return [rid for rid, m in self.rounds.items() if m.state not in m.TERMINAL]
+        """Ids of the rounds not ended, oldest first (without a look at the ended ones)."""
+        self._live = {rid: None for rid in self._live
+                      if (m := self.rounds.get(rid)) is not None and m.state not in m.TERMINAL}
+        return list(self._live)
+
+    # -- snapshots -------------------------------------------------------------------------
+    def _expire_early(self, oldest: int) -> list[ZerosumError]:
+        """Drop messages held for rounds not open here that arrived before `oldest`."""
+        return []
+
+    def _holds_early(self) -> bool:
+        return False
+
+    def quiescent(self) -> bool:
+        """No round running, no message waiting for its round, no chunked message half
+        read: what a replay from the next inbox position cannot rebuild is all in
+        `snapshot()`."""
+        return not (self.inbox.partial() or self._holds_early() or self.running())
+
+    def snapshot(self) -> bytes:
+        """This party's state as bytes (`protocol.snapshot`), valid after inbox position
+        `last_position`; NotQuiescent unless `quiescent()`."""
+        if not self.quiescent():
+            raise NotQuiescent(
+                f"{self.me.party_id} is not quiescent: {len(self.running())} rounds running, "
+                f"early messages held: {self._holds_early()}, a chunked message half read: "
+                f"{self.inbox.partial()}")
+        return encode_snapshot(PartySnapshot(
+            self.ROLE, self.me.party_id, self.consortium, self.last_position,
+            (self.chain.next_seq, self.chain.prev), len(self.ledger),
+            self.guard.window, self.guard.sets(), self.inbox.sequences(),
+            [RoundState.of(m) for m in self.rounds.values()]))
+
+    def restore(self, data: bytes) -> int:
+        """Take the state of `snapshot()`'s bytes; the inbox position to read from next.
+
+        Call it on a party that has handled nothing yet, after setting its `ledger` (the
+        agent's `rounds.ledger`): SnapshotError, and nothing changed, when the bytes are not a
+        snapshot of this party and consortium, were taken under another difference window, or
+        name rounds the ledger lacks. The chain stays the party's own where that is further
+        on (the agent's outbox knows envelopes sealed after the snapshot).
+        """
+        if self.last_position != NO_POSITION or self.rounds or self.inbox.sequences():
+            raise ValueError("restore() takes a party that has handled no input")
+        snap = decode_snapshot(data)
+        me = (self.ROLE, self.me.party_id, self.consortium)
+        if (snap.role, snap.party, snap.consortium) != me:
+            raise SnapshotError(f"a snapshot of {snap.role} {snap.party!r} in consortium "
+                                f"{snap.consortium!r}, not of {me[0]} {me[1]!r} in {me[2]!r}")
+        if snap.difference_window != self.guard.window:
+            raise SnapshotError(f"taken under a difference window of {snap.difference_window}"
+                                f" rounds; the policy now says {self.guard.window}")
+        if len(self.ledger) < snap.ledger_entries:
+            raise SnapshotError(f"the ledger holds {len(self.ledger)} round ids; the snapshot "
+                                f"was taken beside {snap.ledger_entries}")
+        if lost := [r.round_id for r in snap.rounds if r.round_id not in self.ledger]:
+            raise SnapshotError(f"round {lost[0].hex()} of the snapshot is not in the ledger")
+        self.last_position = snap.last_position
+        self.next_position = max(self.next_position, snap.last_position + 1)
+        if snap.chain[0] > self.chain.next_seq:
+            self.chain.next_seq, self.chain.prev = snap.chain
+        self.guard.restore(snap.guard)
+        self.inbox.restore_sequences(snap.sequences)
+        for r in snap.rounds:
+            self.rounds[r.round_id] = r.machine()
+        return self.last_position + 1
 
 
 class CoordinatorParty(_Party):
     """The coordinator. It also seals each round's result or abort to itself, once: a receipt
     in its own inbox, so that an audit with its key can compare what it published with the sum
     of what it received (it cannot open what it sealed to the institutions)."""
+
+    ROLE = "coordinator"
 
     def _seal_outputs(self, outputs: list[Output]) -> list[Event]:
         events = super()._seal_outputs(outputs)
@@ -261,7 +402,9 @@ class CoordinatorParty(_Party):
 class InstitutionParty(_Party):
     """An institution. A round opens only on a message from the coordinator; a peer's
     message for a round not open yet (a leader's share can overtake the assignment) waits in
-    a small per-sender buffer."""
+    a small per-sender buffer, `policy.expire_after` inbox positions at most."""
+
+    ROLE = "institution"
 
     def __init__(self, me: PrivateParty, registry: dict[str, PublicParty], consortium: str,
                  *, coordinator: str, table: LocalTable, policy: ConsortiumPolicy,
@@ -274,20 +417,31 @@ class InstitutionParty(_Party):
         self.grace_ms = grace_ms
         self.guard = DifferencingGuard(policy.difference_window)
         self._table = table
-        self._early: dict[str, deque[tuple[bytes, Message]]] = {}
+        self._token_epoch = 0
+        self._earlier_tables: dict[int, LocalTable] = {}
+        # per sender: (round id, message, inbox position) of messages for rounds not open yet
+        self._early: dict[str, deque[tuple[bytes, Message, int]]] = {}
+        # what this institution asked for, by round id: its assignment must repeat it
+        self._requested: OrderedDict[bytes, RequestTerms] = OrderedDict()
 
     @property
     def table(self) -> LocalTable:
         return self._table
 
-    def set_table(self, table: LocalTable) -> None:
-        """A new data snapshot: used by rounds that start from now on."""
+    def set_table(self, table: LocalTable, token_epoch: int = 0,
+                  earlier: dict[int, LocalTable] | None = None) -> None:
+        """A new data snapshot, its tokens under the token key of `token_epoch`, and the same
+        data under the token keys of `earlier` epochs still held: used by rounds that start
+        from now on, each with the table of the token epoch its assignment names."""
         self._table = table
+        self._token_epoch = token_epoch
+        self._earlier_tables = dict(earlier or {})
 
     def _context(self) -> InstitutionContext:
         return InstitutionContext(self.me.party_id, self.coordinator, self.me.secret,
                                   self._table, self.policy, self.keyring, self.guard,
-                                  self.grace_ms)
+                                  self.grace_ms, self._token_epoch, self._earlier_tables,
+                                  self._requested)
 
     def _route(self, sender: str, msg: Message) -> list[Output]:
         if isinstance(msg, RoundRequest):
@@ -306,10 +460,10 @@ class InstitutionParty(_Party):
                 raise UnknownRound(f"{type(msg).__name__} for round {msg.round_id.hex()}, "
                                    "which is not open here", sender=sender)
             early = self._early.setdefault(sender, deque())
-            early.append((msg.round_id, msg))
-            held = sum(int(m.tokens.nbytes) for _, m in early if isinstance(m, LeaderShare))
+            early.append((msg.round_id, msg, self.last_position))
+            held = sum(int(m.tokens.nbytes) for _, m, _ in early if isinstance(m, LeaderShare))
             if len(early) > MAX_EARLY_PER_SENDER or held > MAX_EARLY_BYTES_PER_SENDER:
-                rid, _ = early.popleft()
+                rid, _, _ = early.popleft()
                 raise QuotaExceeded(f"{sender} has more early messages than its quota "
                                     f"({MAX_EARLY_PER_SENDER}, {MAX_EARLY_BYTES_PER_SENDER} "
                                     f"bytes); dropped one for {rid.hex()}", sender=sender)
@@ -323,12 +477,32 @@ class InstitutionParty(_Party):
                     out += m.handle(peer, item[1])
                 except ZerosumError:
                     m.dropped.append(peer)  # a stranger's early message: dropped
+        self._early = {peer: queue for peer, queue in self._early.items() if queue}
         return out
+
+    def _expire_early(self, oldest: int) -> list[ZerosumError]:
+        errors: list[ZerosumError] = []
+        for peer, queue in self._early.items():
+            while queue and queue[0][2] < oldest:
+                rid, msg, at = queue.popleft()
+                errors.append(EarlyExpired(
+                    f"{type(msg).__name__} of {peer} for round {rid.hex()}, held since inbox "
+                    f"position {at}: its round did not open within {self.policy.expire_after} "
+                    "positions; dropped", sender=peer))
+        self._early = {peer: queue for peer, queue in self._early.items() if queue}
+        return errors
+
+    def _holds_early(self) -> bool:
+        return any(self._early.values())
 
     def request(self, round_id: bytes, query: Tokens, *, participants: tuple[str, ...],
                 attributes: tuple[str, ...], deadline_ms: int, scope: Scope = Scope.INTERSECTION,
-                min_holders: int = 1) -> list[Event]:
-        """Ask the coordinator for a round (raises ValueError for an invalid request)."""
+                min_holders: int = 1, token_epoch: int = 0) -> list[Event]:
+        """Ask the coordinator for a round whose `query` tokens are under the token key of
+        `token_epoch` (raises ValueError for an invalid request)."""
         req = RoundRequest(round_id, self.me.party_id, participants, attributes, scope,
-                           min_holders, deadline_ms, query)
+                           min_holders, deadline_ms, query, token_epoch)
+        self._requested[round_id] = request_terms(req, self.policy.chunk_rows)
+        while len(self._requested) > MAX_ROUNDS_KEPT:
+            self._requested.popitem(last=False)
         return [self._seal(Send(self.coordinator, req))]

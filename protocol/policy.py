@@ -31,6 +31,9 @@ from protocol.messages import (
 
 DEFAULT_MAX_QUERY = 10_000_000
 DEFAULT_DIFFERENCE_WINDOW = 10_000
+# inbox positions after which a message held outside any round (an early leader share, the
+# parts of an unfinished chunked message) is dropped, so every party reaches a quiescent state
+DEFAULT_EXPIRE_AFTER = 10_000
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ConsortiumPolicy:
     difference_window: int = DEFAULT_DIFFERENCE_WINDOW
     masks: MaskMode = MaskMode.DEALT
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    expire_after: int = DEFAULT_EXPIRE_AFTER
 
     def __post_init__(self) -> None:
         if self.min_participants < 0 or self.min_holders < 1 or self.max_query < 1:
@@ -60,6 +64,8 @@ class ConsortiumPolicy:
             raise ValueError(f"policy: chunk_rows in 1..{MAX_CHUNK_ROWS}")
         if chunk_count(self.max_query, self.chunk_rows) > MAX_CHUNKS:
             raise ValueError(f"policy: max_query / chunk_rows is at most {MAX_CHUNKS} chunks")
+        if self.expire_after < 1:
+            raise ValueError("policy: expire_after >= 1")
 
     @property
     def participants_floor(self) -> int:
@@ -149,3 +155,13 @@ class DifferencingGuard:
     def record(self, participants: tuple[str, ...]) -> None:
         if self.window:
             self._sets.append(frozenset(participants))
+
+    def sets(self) -> list[frozenset[str]]:
+        """The participant sets held, oldest first (for a snapshot)."""
+        return list(self._sets)
+
+    def restore(self, sets: list[frozenset[str]]) -> None:
+        """Hold exactly `sets` (a snapshot's, oldest first) instead of what is held."""
+        self._sets.clear()
+        if self.window:
+            self._sets.extend(sets)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.agent import Agent, read_to_end
+from agents.agent import Agent
 from agents.config import load_party
 from agents.demo import plaintext
+from agents.kafka_bus import read_to_end
 from agents.run import agents_in_process, party_configs
 from agents.security import KafkaAccess
 from protocol.errors import AbortReason
@@ -64,12 +65,12 @@ def query_ids(directory: Path, k: int = 200) -> list[str]:
 
 
 async def submit(agent: Agent, ids: list[str], scope: Scope = Scope.INTERSECTION, *,
-                 timeout_s: float = 60) -> Outcome | Ended | None:
+                 deadline_s: float = 60) -> Outcome | Ended | None:
     key = agent.cfg.consortium_key
     assert key is not None
     return await agent.submit(os.urandom(16), tokenize(ids, key),
                               participants=agent.cfg.consortium.institutions, attributes=ATTRS,
-                              scope=scope, timeout_s=timeout_s)
+                              scope=scope, deadline_s=deadline_s)
 
 
 @pytest.mark.parametrize("n", [2, 3, 7])
@@ -122,16 +123,6 @@ async def test_50_consecutive_and_20_concurrent_rounds(kafka_bootstrap: KafkaAcc
         assert sum(check(o, ids, d) for o in results) > 0
         assert agents["coordinator"].stats.published == 70
         assert agents["coordinator"].stats.aborted == 0
-
-
-async def test_a_silent_institution_times_out_by_name(kafka_bootstrap: KafkaAccess,
-                                                      tmp_path: Path) -> None:
-    d = make_consortium(tmp_path, kafka_bootstrap, 3)
-    async with running(d, skip=("bank-3",)) as agents:
-        out = await submit(agents["bank-1"], query_ids(d), timeout_s=3)
-        assert isinstance(out, Ended)
-        assert out.reason is AbortReason.TIMEOUT
-        assert "bank-3" in out.culprits
 
 
 async def test_raw_topics_hold_no_plaintext(kafka_bootstrap: KafkaAccess, tmp_path: Path) -> None:
@@ -207,7 +198,7 @@ async def test_restarting_an_institution_mid_stream(kafka_bootstrap: KafkaAccess
                 await b2.ready.wait()
             coord = agents["coordinator"]
             seen = coord.stats.received
-            pending = [asyncio.create_task(submit(agents["bank-1"], ids, timeout_s=8))
+            pending = [asyncio.create_task(submit(agents["bank-1"], ids, deadline_s=8))
                        for _ in range(4)]
             # mid-stream: the coordinator has the requests when bank-2 stops
             await coord.wait_until(lambda: coord.stats.received >= seen + 4,  # noqa: B023
@@ -249,7 +240,7 @@ async def test_a_round_of_200000_customers_by_4_attributes_chunked(
         out = await b1.submit(
             os.urandom(16), tokenize(ids, b1.cfg.consortium_key),
             participants=b1.cfg.consortium.institutions, attributes=names,
-            scope=Scope.QUERY, min_holders=1, timeout_s=300)
+            scope=Scope.QUERY, min_holders=1, deadline_s=300)
         sent = {n: a.stats.sent for n, a in agents.items()}
     assert isinstance(out, Outcome), out
     # every query customer is a row; the consortium's floor (1 holder) withholds the unheld
@@ -294,7 +285,7 @@ async def test_sigterm_to_an_institution_process_mid_stream(kafka_bootstrap: Kaf
             proc = await _start_process(d / "bank-2.toml")
             coord = agents["coordinator"]
             seen = coord.stats.received
-            stream = [asyncio.create_task(submit(agents["bank-1"], ids, timeout_s=15))
+            stream = [asyncio.create_task(submit(agents["bank-1"], ids, deadline_s=15))
                       for _ in range(5)]
             # mid-stream: the coordinator has the requests when bank-2 gets SIGTERM
             await coord.wait_until(lambda: coord.stats.received >= seen + 5,  # noqa: B023

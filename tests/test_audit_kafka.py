@@ -45,7 +45,7 @@ async def _history(tmp: Path, bootstrap: KafkaAccess, rounds: int,
             bad = r < aborted  # an attribute the consortium does not have: BAD_REQUEST
             return await banks[r % 3].submit(os.urandom(16), tokens, participants=parts,
                                               attributes=("salary",) if bad else ATTRS,
-                                              scope=Scope.INTERSECTION, timeout_s=60)
+                                              scope=Scope.INTERSECTION, deadline_s=60)
         results = []
         for start in range(0, rounds, 20):
             results += await asyncio.gather(*(one(r) for r in range(start,

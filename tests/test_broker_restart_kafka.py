@@ -38,7 +38,7 @@ async def test_broker_restart_mid_stream(tmp_path: Path) -> None:
             async def stream(n: int) -> list[Outcome | Ended | None]:
                 return list(await asyncio.gather(*(
                     b1.submit(os.urandom(16), tokens, participants=parts, attributes=ATTRS,
-                              scope=Scope.INTERSECTION, timeout_s=90) for _ in range(n))))
+                              scope=Scope.INTERSECTION, deadline_s=90) for _ in range(n))))
 
             for _ in range(BROKER_RESTARTS):
                 in_flight = asyncio.create_task(stream(6))

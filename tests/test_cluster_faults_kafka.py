@@ -14,12 +14,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agents.agent import Agent, read_to_end
+from agents.agent import Agent
 from agents.audit import read_and_audit
 from agents.bench import AgentProcess
 from agents.cluster import LocalCluster
 from agents.config import load_consortium, load_party
 from agents.demo import plaintext
+from agents.kafka_bus import read_to_end
 from agents.outbox import Outbox
 from agents.security import KafkaAccess
 from protocol.envelope import Header
@@ -48,7 +49,7 @@ async def stream(agents: dict[str, Agent], ids: list[str], n: int,
     parts = banks[0].cfg.consortium.institutions
     return list(await asyncio.gather(*(
         banks[r % 3].submit(os.urandom(16), tokens, participants=parts, attributes=ATTRS,
-                            scope=Scope.INTERSECTION, timeout_s=timeout_s) for r in range(n))))
+                            scope=Scope.INTERSECTION, deadline_s=timeout_s) for r in range(n))))
 
 
 async def mid_round(agent: Agent) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.agent import topic_settings
 from agents.cli import main
 from agents.cluster import LocalCluster, cluster_properties
 from agents.config import load_consortium
+from agents.kafka_bus import topic_settings
 from protocol.messages import Scope
 from tests.cluster_util import partition_state, topic_config
 from tests.kafka_util import make_consortium

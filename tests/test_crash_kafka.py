@@ -13,10 +13,10 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agents.agent import read_to_end
 from agents.bench import AgentProcess
 from agents.config import load_party
 from agents.demo import plaintext
+from agents.kafka_bus import read_to_end
 from agents.security import KafkaAccess
 from protocol.envelope import Header, digest
 from protocol.messages import MessageKind

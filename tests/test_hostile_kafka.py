@@ -12,8 +12,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from agents.agent import Agent, read_to_end
+from agents.agent import Agent
 from agents.config import load_party
+from agents.kafka_bus import read_to_end
 from agents.security import KafkaAccess
 from protocol.codec import encode
 from protocol.driver import keys_for
@@ -47,7 +48,7 @@ async def test_hostile_envelopes_are_rejected_typed_and_agents_keep_running(
 
         async def honest() -> None:
             out = await b1.submit(os.urandom(16), tokenize(ids, key), participants=parts,
-                                  attributes=ATTRS, scope=Scope.INTERSECTION, timeout_s=30)
+                                  attributes=ATTRS, scope=Scope.INTERSECTION, deadline_s=30)
             check(out, ids, d)
 
         await honest()
@@ -130,7 +131,7 @@ async def test_values_out_of_their_declared_range_abort_the_round(kafka_bootstra
             b1 = agents["bank-1"]
             out = await b1.submit(os.urandom(16), tokenize(ids, key),
                                   participants=b1.cfg.consortium.institutions,
-                                  attributes=ATTRS, scope=Scope.QUERY, timeout_s=30)
+                                  attributes=ATTRS, scope=Scope.QUERY, deadline_s=30)
         finally:
             rogue.stop()
             await task
@@ -192,7 +193,7 @@ async def test_signed_hostile_bodies_on_kafka_stop_no_agent(kafka_bootstrap: Kaf
             assert a.stats.rejected_by_reason.get("HandlingFailed", 0) == 0
         COUNTERS["hostile inputs tried"] += count
         out = await b1.submit(os.urandom(16), tokenize(ids, key), participants=c.institutions,
-                              attributes=ATTRS, scope=Scope.INTERSECTION, timeout_s=60)
+                              attributes=ATTRS, scope=Scope.INTERSECTION, deadline_s=60)
         check(out, ids, d)
         for a in agents.values():
             assert a.stats.rejected_by_reason.get("HandlingFailed", 0) == 0
@@ -200,7 +201,7 @@ async def test_signed_hostile_bodies_on_kafka_stop_no_agent(kafka_bootstrap: Kaf
     async with running(d) as agents:
         b1 = agents["bank-1"]
         out = await b1.submit(os.urandom(16), tokenize(ids, key), participants=c.institutions,
-                              attributes=ATTRS, scope=Scope.INTERSECTION, timeout_s=60)
+                              attributes=ATTRS, scope=Scope.INTERSECTION, deadline_s=60)
         check(out, ids, d)
 
 

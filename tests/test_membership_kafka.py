@@ -41,7 +41,7 @@ async def test_an_institution_joins_without_restarting_anything(
         assert key is not None
         three = await b1.submit(b"\x01" * 16, tokenize(ids, key),
                                 participants=("bank-1", "bank-2", "bank-3"), attributes=ATTRS,
-                                timeout_s=60)
+                                deadline_s=60)
         check(three, ids, d)
         # bank-4 joins: the admin provisions it, the consortium file lists it
         parked.rename(d / "data" / "bank-4.csv")
@@ -55,7 +55,7 @@ async def test_an_institution_joins_without_restarting_anything(
                 await newcomer.ready.wait()
             four = await b1.submit(b"\x02" * 16, tokenize(ids, key),
                                    participants=("bank-1", "bank-2", "bank-3", "bank-4"),
-                                   attributes=ATTRS, timeout_s=60)
+                                   attributes=ATTRS, deadline_s=60)
         finally:
             newcomer.stop()
             await task

@@ -12,7 +12,7 @@ from protocol.codec import encode
 from protocol.coordinator import CoordinatorRound
 from protocol.driver import CONSORTIUM, COORDINATOR, build_network, keys_for
 from protocol.envelope import Chain, KemKind, seal
-from protocol.errors import AbortReason, DuplicateRound, UnknownRound, UnknownSender
+from protocol.errors import DuplicateRound, UnknownRound, UnknownSender
 from protocol.machine import Output, Send
 from protocol.messages import Contribution, LeaderQuery, Scope
 from protocol.party import Outgoing, Rejected
@@ -78,23 +78,6 @@ def test_with_drops_every_round_ends_once_correct_or_aborted(seed: int, drop: fl
             assert published
             assert token_ids(world, o) == ids
             np.testing.assert_array_equal(o.totals, totals)
-
-
-def test_an_institution_that_never_answers_times_out_by_name() -> None:
-    world = make_world(3, universe=50, hold=1.0, query=40, seed=7)
-    net = world.net
-    silent = net.institutions["bank-2"]
-    silent.receive = lambda wire, position=-1: []  # type: ignore[method-assign]
-    rid = run_round(world, requester="bank-0", scope=ALL, min_holders=1)
-    assert net.published() == []
-    net.expire(DEADLINE)
-    [end] = [e for e in net.ended(COORDINATOR) if e.round_id == rid]
-    assert end.reason is AbortReason.TIMEOUT
-    assert end.culprits == ("bank-2",)
-    assert "bank-2" in end.detail
-    for who in ("bank-0", "bank-1"):
-        assert [e.reason for e in net.ended(who)] == [AbortReason.TIMEOUT]
-        assert net.outcomes(who) == []
 
 
 def test_concurrent_rounds_interleaved() -> None:

@@ -21,9 +21,9 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from agents.agent import read_to_end
 from agents.config import load_consortium
 from agents.kafka_admin import group_for, provision, revoke
+from agents.kafka_bus import read_to_end
 from agents.security import KafkaAccess
 from tests.kafka_util import WAIT_MS, make_consortium, party_access, produce
 from tests.test_agents_kafka import check, query_ids, running, submit

@@ -69,7 +69,6 @@ class AgentService:
         self.me = agent.cfg.party
         self.log = log or agent.log
         self.records = agent.cfg.state_dir / "results"
-        self._key = agent.cfg.consortium_key
         # round id -> the query's ids and tokens, while the round runs
         self._asked: dict[bytes, tuple[tuple[str, ...], Tokens]] = {}
         self._ended: dict[bytes, Delivery] = {}  # requested here, ended, not yet returned
@@ -89,10 +88,13 @@ class AgentService:
 
     async def submit(self, round_id: bytes, request: RoundRequest) -> Delivery:
         ids = request.customer_ids
+        # the token key as of now; the request names its epoch (the key may rotate meanwhile)
+        key, epoch = self.agent.cfg.consortium_key, self.agent.cfg.token_epoch
+        assert key is not None
         if len(ids) > TOKENIZE_IN_THREAD:
-            tokens = await asyncio.to_thread(tokenize, ids, self._key)
+            tokens = await asyncio.to_thread(tokenize, ids, key)
         else:
-            tokens = tokenize(ids, self._key)
+            tokens = tokenize(ids, key)
         if (dup := first_duplicate(tokens)) is not None:
             raise Refused(ErrorCode.INVALID_FIELD, f"customer id {ids[dup]!r} is in the query "
                           "twice (after normalisation)", "customer_ids")
@@ -103,7 +105,8 @@ class AgentService:
             result = await self.agent.submit(
                 round_id, tokens, participants=request.participants,
                 attributes=request.attributes, scope=request.scope,
-                min_holders=request.min_holders, timeout_s=request.deadline_s)
+                min_holders=request.min_holders, deadline_s=request.deadline_s,
+                token_epoch=epoch)
         except ValueError as exc:  # the protocol's own check of the request
             await asyncio.to_thread(remove_record, self.records, round_id)
             self._marked.discard(round_id)
