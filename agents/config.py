@@ -151,6 +151,7 @@ class Consortium:
                                 masks=MaskMode(p.masks), chunk_rows=p.chunk_rows)
 
 
+MIN_CHUNK_ROWS = 1024  # the least `[policy] chunk_rows` a consortium.toml may set
 _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
     # field: (type, default, smallest allowed)
     "min_participants": (int, 0, 0),
@@ -162,7 +163,8 @@ _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
     "masks": (str, "dealt", None),
     "max_in_flight": (int, 32, 1),
     "max_deadline_s": (float, 86_400.0, 1),
-    "chunk_rows": (int, DEFAULT_CHUNK_ROWS, 1),
+    # a floor: chunks of a few rows would tell when single rows of I were shared
+    "chunk_rows": (int, DEFAULT_CHUNK_ROWS, MIN_CHUNK_ROWS),
 }
 
 

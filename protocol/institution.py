@@ -176,6 +176,7 @@ class InstitutionRound(RoundMachine):
         self.queries: dict[int, Tokens] = {}  # the leader's query chunks ahead of their turn
         self.joined = 0  # the leader's query chunks joined
         self.unshared = _Joined()
+        self.unsent: list[Output] = []  # `intersection` scope: chunks of I shared, not sent
         self.table = ctx.table  # the data under the round's token epoch (set by its assignment)
 
     @property
@@ -204,6 +205,7 @@ class InstitutionRound(RoundMachine):
         self.chunks = {}
         self.queries = {}
         self.unshared = _Joined()
+        self.unsent = []
 
     def _refuse(self, detail: str, reason: AbortReason = AbortReason.REFUSED,
                 culprits: tuple[str, ...] | None = None) -> list[Output]:
@@ -299,14 +301,20 @@ class InstitutionRound(RoundMachine):
             if problem := self._join(query):
                 return self._refuse(problem)
             final = self.joined == a.chunks
-            # a full chunk goes at once (in `intersection` scope the last may then be empty);
-            # at the end of the query the rest goes as the last chunk, full or not
+            # a full chunk is shared at once (in `intersection` scope the last may then be
+            # empty); at the end of the query the rest is the last chunk, full or not
             while self.unshared.rows > a.chunk_rows or (
                     self.unshared.rows == a.chunk_rows and not final):
                 out += self._share_chunk(a.chunk_rows, last=False)
             if final:
                 out += self._share_chunk(self.unshared.rows, last=True)
                 self.state = InstitutionState.AWAIT_RESULT
+        if a.scope is Scope.INTERSECTION and self.state is not InstitutionState.AWAIT_RESULT:
+            # when a chunk of I left would tell which query chunk filled it (with a chunk of
+            # one row: I itself), so none leaves before the whole query is joined
+            self.unsent += out
+            return []
+        out, self.unsent = self.unsent + out, []
         return out
 
     def _join(self, query: Tokens) -> str:

@@ -480,6 +480,37 @@ def test_the_leader_buffers_query_chunks_ahead_of_their_turn() -> None:
     assert next(p for p in ms.outputs[COORD] if isinstance(p, Published)).rows == len(QUERY)
 
 
+@pytest.mark.parametrize("scope", list(Scope))
+def test_a_pacing_coordinator_learns_nothing_from_when_the_leader_shares(scope: Scope) -> None:
+    """Finding 1 of the review: a coordinator handing the leader its query one chunk at a time
+    would learn, from when each chunk of I comes back, which query chunk completed it (with 1
+    row a chunk: I itself). In `intersection` scope the leader sends nothing until it has
+    joined the whole query; in `query` scope I is Q and the chunks stream."""
+    pol = replace(POL, chunk_rows=1)
+    ms = _machines(scope, pol)
+    held = ms.run(hold=lambda s, to, m: isinstance(m, LeaderQuery))
+    leader = ms.leader
+    assert [m.chunk for _, _, m in held if isinstance(m, LeaderQuery)] == list(range(len(QUERY)))
+    sent_after: list[int] = []  # the leader's shares sent so far, after each query chunk
+    for sender, to, msg in held:
+        ms.feed(sender, to, msg)
+        sent_after.append(len(ms.sent(CoordinatorShare, leader)) +
+                          len(ms.sent(LeaderShare, leader)))
+    if scope is Scope.INTERSECTION:
+        assert sent_after[:-1] == [0] * (len(QUERY) - 1)
+    else:  # one chunk of Q to the coordinator and to each other institution, at once
+        assert sent_after[:-1] == [len(NAMES) * (k + 1) for k in range(len(QUERY) - 1)]
+    assert sent_after[-1] > 0
+    ms.run()
+    got = _published(ms)
+    assert got is not None
+    want = _machines(scope)
+    want.run()
+    reference = _published(want)
+    assert reference is not None
+    np.testing.assert_array_equal(got.totals, reference.totals)
+
+
 def test_a_chunked_assignment_names_each_chunk() -> None:
     ms = _machines()
     a = ms.coordinator.assignment
