@@ -43,6 +43,7 @@ from protocol.machine import (
     BUFFER,
     Deadline,
     Handler,
+    Input,
     Outcome,
     Output,
     RoundMachine,
@@ -61,6 +62,7 @@ from protocol.messages import (
     RoundRequest,
     RoundResult,
     Scope,
+    chunk_count,
     ends_elsewhere,
 )
 from protocol.policy import ConsortiumPolicy, DifferencingGuard, Signer
@@ -149,6 +151,12 @@ def request_terms(req: RoundRequest, chunk_rows: int) -> RequestTerms:
                         query_digest(query_chunk_digests(req.query, chunk_rows)))
 
 
+def _rows(inp: Input) -> int:
+    """The rows of a chunk held before the assignment (a query chunk or a leader's share)."""
+    return inp.query.size if isinstance(inp, LeaderQuery) else \
+        inp.tokens.size if isinstance(inp, LeaderShare) else 0
+
+
 @dataclass
 class _Joined:
     """The leader's rows of I joined but not yet shared (fewer than a chunk, but for the
@@ -190,6 +198,20 @@ class InstitutionRound(RoundMachine):
     def senders(self) -> frozenset[str] | None:
         a = self.assignment
         return None if a is None else frozenset((self.ctx.coordinator, *a.participants))
+
+    def unheld(self, sender: str, inp: Input) -> str:
+        """Before the assignment a sender's chunks of one kind are held only as far as an
+        honest round sends them: each of at most `chunk_rows` rows, at most `max_query` rows in
+        at most max_query / chunk_rows chunks (what one whole query would hold)."""
+        pol = self.ctx.policy
+        rows = _rows(inp)
+        held = [_rows(i) for s, i in self._pending if s == sender and type(i) is type(inp)]
+        if rows > pol.chunk_rows or len(held) >= chunk_count(pol.max_query, pol.chunk_rows) \
+                or sum(held) + rows > pol.max_query:
+            return (f"{sender} sent more {type(inp).__name__} chunks before the assignment "
+                    f"than a round holds (this one {rows} rows, {len(held)} held of "
+                    f"{sum(held)} rows; chunk_rows {pol.chunk_rows}, max_query {pol.max_query})")
+        return ""
 
     def abort(self, reason: AbortReason, detail: str,
               culprits: tuple[str, ...] = ()) -> list[Output]:

@@ -163,10 +163,16 @@ class RoundMachine:
         if entry is None:
             return self.abort_unexpected(sender, inp)
         if entry is BUFFER:
+            if problem := self.unheld(sender, inp):
+                return self.abort(AbortReason.INVALID_SHAPE, problem, (sender,) if sender else ())
             self._pending.append((sender, inp))
             return []
         out = entry(self, sender, inp)
         return out + self._drain()
+
+    def unheld(self, sender: str, inp: Input) -> str:
+        """Why `inp` from `sender` is not to be held for a later state ("": it is held)."""
+        return ""
 
     def _drain(self) -> list[Output]:
         out: list[Output] = []

@@ -511,6 +511,40 @@ def test_a_pacing_coordinator_learns_nothing_from_when_the_leader_shares(scope: 
     np.testing.assert_array_equal(got.totals, reference.totals)
 
 
+@pytest.mark.parametrize("kind", [LeaderQuery, LeaderShare])
+def test_chunks_before_the_assignment_are_held_within_the_policy(kind: type[Message]) -> None:
+    """Finding 2 of the review: a round opened at an institution by a message before its
+    assignment held every later chunk (the reviewer's 300 chunks of 20,000 tokens: 96 MB).
+    Before the assignment a sender's chunks of one kind are held only as far as an honest
+    round could send them: each at most `chunk_rows` rows, together at most `max_query` rows
+    in at most max_query / chunk_rows chunks; past that the round aborts naming the sender."""
+    pol = replace(POL, chunk_rows=4, max_query=12)  # at most 3 chunks, 12 rows
+    victim = institution("bank-b", pol)
+    sender = COORD if kind is LeaderQuery else "bank-a"
+    toks = tokenize([f"t{i}" for i in range(4)], KEY)
+
+    def chunk(k: int, tokens: Tokens = toks) -> Message:
+        if kind is LeaderQuery:
+            return LeaderQuery(RID, bytes(32), tokens, k)
+        return LeaderShare(RID, bytes(32), bytes(64), bytes(32), bytes(64), tokens,
+                           bytes(32), k, False)
+
+    for k in range(3):  # as much as an honest round's query or I: held
+        assert victim.handle(sender, chunk(k)) == []
+    assert len(victim._pending) == 3
+    [ended] = [o for o in victim.handle(sender, chunk(3)) if isinstance(o, Ended)]
+    assert (ended.reason, ended.culprits) == (AbortReason.INVALID_SHAPE, (sender,))
+    assert victim._pending == []
+    big = institution("bank-b", pol)  # one chunk larger than chunk_rows
+    [ended] = [o for o in big.handle(sender, chunk(0, tokenize(list("abcde"), KEY)))
+               if isinstance(o, Ended)]
+    assert (ended.reason, ended.culprits) == (AbortReason.INVALID_SHAPE, (sender,))
+    empty = institution("bank-b", pol)  # empty chunks count too
+    for k in range(3):
+        assert empty.handle(sender, chunk(k, toks[:0])) == []
+    assert [o for o in empty.handle(sender, chunk(3, toks[:0])) if isinstance(o, Ended)]
+
+
 def test_a_chunked_assignment_names_each_chunk() -> None:
     ms = _machines()
     a = ms.coordinator.assignment
