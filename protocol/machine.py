@@ -99,6 +99,17 @@ BUFFER = _Buffer.BUFFER
 Handler = Callable[[Any, str, Any], list[Output]]
 
 
+ENDED_DIGEST = 16  # bytes of each digest an ended round keeps
+
+
+def _holds(taken: bytes, prefix: bytes) -> bool:
+    """Whether `prefix` is one of the ENDED_DIGEST-byte entries of `taken`."""
+    at = taken.find(prefix)
+    while at != -1 and at % ENDED_DIGEST:
+        at = taken.find(prefix, at + 1)
+    return at != -1
+
+
 class RoundMachine:
     """Base of one party's view of one round. Subclasses define states, TABLE and handlers."""
 
@@ -115,16 +126,27 @@ class RoundMachine:
         # content digests for duplicate checks, per (sender, kind, chunk): 32 bytes each, not
         # the messages, so that a round holds none of its chunks once it has handled them
         self._seen: dict[tuple[str, MessageKind, int], bytes] = {}
+        # once the round has ended: per (sender, kind), the ENDED_DIGEST-byte prefixes of the
+        # digests taken, one after the other (an ended round only tells a copy, dropped quietly,
+        # from anything else, refused; a prefix collision would only choose between the two)
+        self._ended: dict[tuple[str, MessageKind], bytes] | None = None
         self._pending: list[tuple[str, Input]] = []
         self.dropped: list[str] = []  # senders of buffered inputs dropped as strangers
 
     def has_seen(self, sender: str, kind: MessageKind, chunk: int = 0) -> bool:
+        if self._ended is not None:
+            return (sender, kind) in self._ended
         return (sender, kind, chunk) in self._seen
 
-    def seen_digests(self) -> dict[tuple[str, MessageKind, int], bytes]:
-        """The digest of the message taken from each (sender, kind, chunk), in the order
-        taken."""
-        return dict(self._seen)
+    def seen_digests(self) -> dict[tuple[str, MessageKind], bytes]:
+        """Per (sender, kind), the digest prefixes of the messages taken, in the order taken
+        (what an ended round keeps)."""
+        if self._ended is not None:
+            return dict(self._ended)
+        out: dict[tuple[str, MessageKind], bytes] = {}
+        for (sender, kind, _), digest in self._seen.items():
+            out[(sender, kind)] = out.get((sender, kind), b"") + digest[:ENDED_DIGEST]
+        return out
 
     def senders(self) -> frozenset[str] | None:
         """Who has a part in this round (subclasses know who); None: anyone, so far."""
@@ -137,10 +159,30 @@ class RoundMachine:
 
     def handle(self, sender: str, inp: Input) -> list[Output]:
         """Feed one input from `sender` (the authenticated envelope sender, or "" for timers)."""
-        digest = b""
         if isinstance(inp, Message) and not self.may_send(sender):
             raise NotAParticipant(f"{type(inp).__name__} from {sender}, who has no part in "
                                   f"round {self.round_id.hex()}", sender=sender)
+        if self._ended is not None:
+            taken = self._ended.get((sender, inp.KIND)) if isinstance(inp, Message) else None
+            if taken is not None and isinstance(inp, Message):
+                if _holds(taken, hashlib.sha256(encode(inp)).digest()[:ENDED_DIGEST]):
+                    return []
+                raise RoundClosed(f"round {self.round_id.hex()} has ended")
+            raise RoundClosed(f"round {self.round_id.hex()} has ended ({self.state.name}); "
+                              f"{type(inp).__name__} from {sender or 'the clock'} ignored")
+        out = self._handle_live(sender, inp)
+        if self.state in self.TERMINAL:
+            self._close()
+        return out
+
+    def _close(self) -> None:
+        """The round has ended: keep its duplicate checks compact from now on."""
+        if self._ended is None:
+            self._ended = self.seen_digests()
+            self._seen = {}
+
+    def _handle_live(self, sender: str, inp: Input) -> list[Output]:
+        digest = b""
         if isinstance(inp, Message):
             key = (sender, inp.KIND, chunk_of(inp))
             digest = hashlib.sha256(encode(inp)).digest()
@@ -207,6 +249,7 @@ class RoundMachine:
         self.state = self.ABORTED
         self._pending.clear()
         self.release()
+        self._close()
         return [Ended(self.round_id, reason, detail[:1024], culprits)]
 
     def release(self) -> None:

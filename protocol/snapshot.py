@@ -31,11 +31,11 @@ from protocol.coordinator import CoordinatorState
 from protocol.envelope import SEQ_WINDOW
 from protocol.errors import SnapshotError
 from protocol.institution import InstitutionState
-from protocol.machine import Handler, RoundMachine, _Buffer
+from protocol.machine import ENDED_DIGEST, Handler, RoundMachine, _Buffer
 from protocol.messages import ROUND_ID_BYTES, MessageKind
 
 FORMAT = "zerosum.party-snapshot"
-VERSION = 2  # 2: a taken message's chunk index
+VERSION = 2  # 2: digest prefixes, one per chunk taken
 _SEEN = struct.Struct(">q32s32s")  # seq, digest, prev: one envelope of a sender's window
 _DIGEST = 32
 T = TypeVar("T")
@@ -53,11 +53,11 @@ class ClosedRound(RoundMachine):
     ABORTED: ClassVar[Any] = None  # never aborts: it has ended
 
     def __init__(self, round_id: bytes, state: Enum, allowed: frozenset[str] | None,
-                 seen: dict[tuple[str, MessageKind, int], bytes],
+                 seen: dict[tuple[str, MessageKind], bytes],
                  evidence: list[tuple[str, bytes, bytes]], dropped: list[str]) -> None:
         super().__init__(round_id, state)
         self._allowed = allowed
-        self._seen = seen  # an ended round never changes them
+        self._ended = seen  # an ended round never changes them
         self.evidence = evidence
         self.dropped = dropped
 
@@ -72,7 +72,7 @@ class RoundState:
     round_id: bytes
     state: Enum
     senders: frozenset[str] | None
-    seen: dict[tuple[str, MessageKind, int], bytes]
+    seen: dict[tuple[str, MessageKind], bytes]
     evidence: list[tuple[str, bytes, bytes]]
     dropped: list[str]
 
@@ -107,8 +107,8 @@ ENDS: dict[str, tuple[Enum, ...]] = {
     "coordinator": (CoordinatorState.PUBLISHED, CoordinatorState.ABORTED),
     "institution": (InstitutionState.DONE, InstitutionState.ABORTED)}
 _U32 = struct.Struct(">I")
-# round index, sender (name index), kind, chunk, digest
-_TAKEN = struct.Struct(f">IHBI{_DIGEST}s")
+# round index, sender (name index), kind, digest prefix: a (sender, kind) has one per chunk
+_TAKEN = struct.Struct(f">IHB{ENDED_DIGEST}s")
 _FIELDS = ("format", "version", "role", "party", "consortium", "last_position", "chain",
            "ledger_entries", "difference_window", "names", "groups", "guard", "sequences",
            "rounds")
@@ -142,8 +142,9 @@ def encode(s: PartySnapshot) -> bytes:
     ends = ENDS[s.role]
     guard = b"".join(_U32.pack(t.group(g)) for g in s.guard)
     senders = b"".join(_U32.pack(t.group(r.senders)) for r in s.rounds)
-    seen = b"".join(_TAKEN.pack(i, t.name(who), int(kind), chunk, d)
-                    for i, r in enumerate(s.rounds) for (who, kind, chunk), d in r.seen.items())
+    seen = b"".join(_TAKEN.pack(i, t.name(who), int(kind), taken[at:at + ENDED_DIGEST])
+                    for i, r in enumerate(s.rounds) for (who, kind), taken in r.seen.items()
+                    for at in range(0, len(taken), ENDED_DIGEST))
     extras = [[i, [[t.name(who), a, b] for who, a, b in r.evidence],
                [t.name(who) for who in r.dropped]]
               for i, r in enumerate(s.rounds) if r.evidence or r.dropped]
@@ -270,13 +271,13 @@ def _rounds(raw: dict[str, Any], ends: tuple[Enum, ...], names: list[str],
     if len(senders) != n:
         raise SnapshotError(f"snapshot field rounds.senders: {len(senders)} of {n} rounds")
     kinds = {int(k): k for k in MessageKind}
-    seen: list[dict[tuple[str, MessageKind, int], bytes]] = [{} for _ in range(n)]
-    for i, who, kind, chunk, d in _TAKEN.iter_unpack(_bytes(raw["seen"], "rounds.seen",
+    seen: list[dict[tuple[str, MessageKind], bytes]] = [{} for _ in range(n)]
+    for i, who, kind, d in _TAKEN.iter_unpack(_bytes(raw["seen"], "rounds.seen",
                                                      unit=_TAKEN.size)):
         if i >= n or who >= len(names) or kind not in kinds:
             raise SnapshotError(f"snapshot field rounds.seen: ({i}, {who}, {kind}) names no "
                                 "round, party or message kind")
-        seen[i][(names[who], kinds[kind], chunk)] = d
+        seen[i][(names[who], kinds[kind])] = seen[i].get((names[who], kinds[kind]), b"") + d
     extras: dict[int, tuple[list[tuple[str, bytes, bytes]], list[str]]] = {}
     for k, e in enumerate(_list(raw["extras"], "rounds.extras")):
         path = f"rounds.extras[{k}]"

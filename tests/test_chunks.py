@@ -30,7 +30,13 @@ from protocol.codec import (
 from protocol.coordinator import CoordinatorRound
 from protocol.driver import COORDINATOR, Network, build_network
 from protocol.envelope import Header
-from protocol.errors import AbortReason, DuplicateEnvelope, InvalidField, WrongType
+from protocol.errors import (
+    AbortReason,
+    DuplicateEnvelope,
+    InvalidField,
+    RoundClosed,
+    WrongType,
+)
 from protocol.institution import InstitutionRound, InstitutionState
 from protocol.machine import Ended, Outcome, Published, Send
 from protocol.messages import (
@@ -543,6 +549,29 @@ def test_chunks_before_the_assignment_are_held_within_the_policy(kind: type[Mess
     for k in range(3):
         assert empty.handle(sender, chunk(k, toks[:0])) == []
     assert [o for o in empty.handle(sender, chunk(3, toks[:0])) if isinstance(o, Ended)]
+
+
+def test_an_ended_round_keeps_its_duplicate_checks_compact() -> None:
+    """Finding 4 of the review: an ended round kept a dict entry per (sender, kind, chunk) (about
+    100 bytes each) for as long as it is kept. Once it ends they are one string of 16-byte digest
+    prefixes per (sender, kind); a late copy of any chunk is still dropped quietly and a
+    different message still refused as to an ended round."""
+    pol = replace(POL, chunk_rows=1)
+    ms = _machines(Scope.QUERY, pol)
+    ms.run()
+    assert _published(ms) is not None
+    m = ms.coordinator
+    assert m.state in m.TERMINAL
+    assert m._seen == {}  # no entry per chunk left
+    contributions = [(s, msg) for s, to, msg in ms.log
+                     if to == COORD and isinstance(msg, Contribution)]
+    assert len(contributions) == (len(NAMES) - 1) * len(QUERY)
+    assert sum(len(d) for d in m.seen_digests().values()) == 16 * (
+        len(contributions) + len(QUERY) + 1)  # + the shares and the request
+    for sender, msg in contributions:
+        assert m.handle(sender, msg) == []  # a late copy: dropped quietly
+        with pytest.raises(RoundClosed):
+            m.handle(sender, replace(msg, rows_digest=bytes(32)))
 
 
 def test_a_chunked_assignment_names_each_chunk() -> None:
