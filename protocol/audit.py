@@ -401,17 +401,19 @@ class Auditor:
         me = self.coordinator
         mine = [(m, self._open(m, r)) for m in r.messages if m.recipient == me]
         req = next((x for _, x in mine if isinstance(x, RoundRequest)), None)
-        # every chunk of E_S and of each contribution, by chunk of I
-        inputs: dict[int, dict[str, U64]] = defaultdict(dict)
-        for m, x in mine:
-            if isinstance(x, CoordinatorShare) and m.sender == r.leader:
-                inputs[x.chunk][m.sender] = x.share
-            elif isinstance(x, Contribution) and m.sender != r.leader:
-                inputs[x.chunk][m.sender] = x.values
-        receipt = next(((m, x) for m, x in mine if m.sender == me
-                        and isinstance(x, RoundResult | RoundAbort)), None)
-        if receipt is None:
+        end_at = next((i for i, (m, x) in enumerate(mine) if m.sender == me
+                       and isinstance(x, RoundResult | RoundAbort)), None)
+        if end_at is None:
             return
+        receipt = mine[end_at]
+        # every chunk of E_S and of each contribution, by chunk of I: those before the receipt
+        # (the round took no later one) and, per sender and chunk, the first (as the round)
+        inputs: dict[int, dict[str, U64]] = defaultdict(dict)
+        for m, x in mine[:end_at]:
+            if isinstance(x, CoordinatorShare) and m.sender == r.leader:
+                inputs[x.chunk].setdefault(m.sender, x.share)
+            elif isinstance(x, Contribution) and m.sender != r.leader:
+                inputs[x.chunk].setdefault(m.sender, x.values)
         msg, end = receipt  # the coordinator's RoundResult or RoundAbort to this party
         if isinstance(end, RoundAbort):
             r.reason = end.reason.name
@@ -457,8 +459,13 @@ class Auditor:
         me = self.key.party_id
         mine = [(m, self._open(m, r)) for m in r.messages if m.recipient == me]
         assign = next((x for _, x in mine if isinstance(x, MaskAssignment)), None)
-        shares = [x for _, x in mine if isinstance(x, LeaderShare)]
         ends = [(m, x) for m, x in mine if isinstance(x, RoundResult | RoundAbort)]
+        # the leader's chunks of I as the round took them: before its outcome, the first per
+        # chunk (a copy sealed again, or a later different one, changed nothing)
+        end_at = next((i for i, (_, x) in enumerate(mine)
+                       if isinstance(x, RoundResult | RoundAbort)), len(mine))
+        shares = list({x.chunk: x for _, x in reversed(mine[:end_at])
+                       if isinstance(x, LeaderShare)}.values())
         if len(ends) > 1:
             r.findings.append(Finding(ends[1][0].location, "outcome",
                                       f"{me} received {len(ends)} outcomes"))
