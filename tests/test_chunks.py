@@ -185,6 +185,36 @@ def test_stages_overlap_chunk_by_chunk() -> None:
     _check_exact(world, rid, Scope.QUERY)
 
 
+def test_every_share_chunk_that_overtakes_the_assignment_is_held() -> None:
+    """The leader sends all its chunks of I at once (in `intersection` scope, once it has
+    joined the query), so more of them than the count quota of 64 it had can reach an institution
+    before its assignment; they are all held (a bound in bytes) and the round is exact."""
+    world = make_world(3, universe=100, hold=1.0, query=100, seed=3, chunk_rows=1,
+                       max_query=10_000)
+    net = world.net
+    rid = _request(world, Scope.INTERSECTION)
+
+    def assignment_to_a_member(to: str, h: Header) -> bool:
+        return h.kind is MessageKind.MASK_ASSIGNMENT and to != _leader_of(net, rid)
+
+    held = _deliver(net, assignment_to_a_member)
+    assert len(held) == 2
+    leader = net.institutions[_leader_of(net, rid)].rounds[rid]
+    assert isinstance(leader, InstitutionRound)
+    assert len(leader.chunks) > 64
+    for to, wire in held:
+        assert len(net.institutions[to]._early[leader.ctx.me]) == len(leader.chunks)
+        net.take(to, net.party(to).receive(wire))
+    net.run()
+    _check_exact(world, rid, Scope.INTERSECTION)
+
+
+def _leader_of(net: Network, rid: bytes) -> str:
+    m = net.coordinator.rounds[rid]
+    assert isinstance(m, CoordinatorRound)
+    return m.leader
+
+
 def test_a_missing_chunk_times_out_and_nothing_partial_is_published() -> None:
     world = make_world(3, universe=30, hold=1.0, query=30, seed=6, chunk_rows=10,
                        max_query=10_000)

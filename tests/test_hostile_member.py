@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 import pytest
 
+import protocol.party as party_module
 from protocol.codec import (
     assignment_digest,
     decode,
@@ -485,9 +486,12 @@ def test_bodies_are_padded_to_coarse_size_buckets() -> None:
     assert len(lens) == 1
 
 
-def test_a_member_assignment_from_a_peer_opens_no_round() -> None:
+def test_a_member_assignment_from_a_peer_opens_no_round(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
     """Only the coordinator opens a round at an institution; a peer's early messages are
-    held in a bounded per-sender buffer."""
+    held in a per-sender buffer bounded in bytes (here small enough for 64 of them)."""
+    monkeypatch.setattr(party_module, "MAX_EARLY_BYTES_PER_SENDER",
+                        64 * (party_module.EARLY_MESSAGE_BYTES + 16))
     world = make_world(3, universe=20, hold=1.0, query=10, seed=10)
     net = world.net
     target = net.institutions["bank-1"]
