@@ -30,7 +30,15 @@ from protocol.envelope import (
     public_party,
 )
 from protocol.fixedpoint import AttributeSpec, parse_decimal
-from protocol.messages import MAX_QUERY, MaskMode, check_party
+from protocol.messages import (
+    DEFAULT_CHUNK_ROWS,
+    MAX_CHUNK_ROWS,
+    MAX_CHUNKS,
+    MAX_QUERY,
+    MaskMode,
+    check_party,
+    chunk_count,
+)
 from protocol.policy import (
     DEFAULT_DIFFERENCE_WINDOW,
     DEFAULT_EXPIRE_AFTER,
@@ -124,6 +132,7 @@ class Policy:
     max_deadline_s: float = 86_400.0
     # inbox positions after which a message held outside any round is dropped
     expire_after: int = DEFAULT_EXPIRE_AFTER
+    chunk_rows: int = DEFAULT_CHUNK_ROWS  # rows of each chunk of a round's query and sums
 
 
 @dataclass(frozen=True)
@@ -150,9 +159,11 @@ class Consortium:
                                 min_participants=p.min_participants, min_holders=p.min_holders,
                                 allow_subsets=p.allow_subsets, max_query=p.max_query,
                                 difference_window=p.difference_window,
-                                masks=MaskMode(p.masks), expire_after=p.expire_after)
+                                masks=MaskMode(p.masks), expire_after=p.expire_after,
+                                chunk_rows=p.chunk_rows)
 
 
+MIN_CHUNK_ROWS = 1024  # the least `[policy] chunk_rows` a consortium.toml may set
 _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
     # field: (type, default, smallest allowed)
     "min_participants": (int, 0, 0),
@@ -165,6 +176,8 @@ _POLICY_FIELDS: dict[str, tuple[type, Any, Any]] = {
     "max_in_flight": (int, 32, 1),
     "max_deadline_s": (float, 86_400.0, 1),
     "expire_after": (int, DEFAULT_EXPIRE_AFTER, 1),
+    # a floor: chunks of a few rows would tell when single rows of I were shared
+    "chunk_rows": (int, DEFAULT_CHUNK_ROWS, MIN_CHUNK_ROWS),
 }
 
 
@@ -190,6 +203,10 @@ def _policy(pol: Any, where: str) -> Policy:
         raise ConfigError(f"{where}: field 'max_query' must be at most {MAX_QUERY}")
     if values["expire_after"] > MAX_EXPIRE_AFTER:
         raise ConfigError(f"{where}: field 'expire_after' must be at most {MAX_EXPIRE_AFTER}")
+    if values["chunk_rows"] > MAX_CHUNK_ROWS or chunk_count(
+            values["max_query"], values["chunk_rows"]) > MAX_CHUNKS:
+        raise ConfigError(f"{where}: field 'chunk_rows' must be at most {MAX_CHUNK_ROWS}, and "
+                          f"max_query / chunk_rows at most {MAX_CHUNKS} chunks")
     return Policy(**values)
 
 

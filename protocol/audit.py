@@ -35,7 +35,7 @@ from protocol.messages import (
     RoundRequest,
     RoundResult,
 )
-from protocol.ring import sum_matrices
+from protocol.ring import U64, sum_matrices
 
 
 @dataclass(frozen=True, order=True)
@@ -401,12 +401,19 @@ class Auditor:
         me = self.coordinator
         mine = [(m, self._open(m, r)) for m in r.messages if m.recipient == me]
         req = next((x for _, x in mine if isinstance(x, RoundRequest)), None)
-        share = next((x for _, x in mine if isinstance(x, CoordinatorShare)), None)
-        contribs = {m.sender: x for m, x in mine if isinstance(x, Contribution)}
-        receipt = next(((m, x) for m, x in mine if m.sender == me
-                        and isinstance(x, RoundResult | RoundAbort)), None)
-        if receipt is None:
+        end_at = next((i for i, (m, x) in enumerate(mine) if m.sender == me
+                       and isinstance(x, RoundResult | RoundAbort)), None)
+        if end_at is None:
             return
+        receipt = mine[end_at]
+        # every chunk of E_S and of each contribution, by chunk of I: those before the receipt
+        # (the round took no later one) and, per sender and chunk, the first (as the round)
+        inputs: dict[int, dict[str, U64]] = defaultdict(dict)
+        for m, x in mine[:end_at]:
+            if isinstance(x, CoordinatorShare) and m.sender == r.leader:
+                inputs[x.chunk].setdefault(m.sender, x.share)
+            elif isinstance(x, Contribution) and m.sender != r.leader:
+                inputs[x.chunk].setdefault(m.sender, x.values)
         msg, end = receipt  # the coordinator's RoundResult or RoundAbort to this party
         if isinstance(end, RoundAbort):
             r.reason = end.reason.name
@@ -417,16 +424,20 @@ class Auditor:
             return
         assert isinstance(end, RoundResult)
         r.rows = end.rows
-        if req is None or share is None:
+        if req is None or not inputs:
             return
-        parts = [share.share, *(contribs[p].values for p in r.participants
-                                if p != r.leader and p in contribs)]
-        if len(parts) != len(r.participants) or any(p.shape != parts[0].shape for p in parts):
-            r.findings.append(Finding(msg.location, "sum", "inputs missing or misshapen"))
-            return
-        total = sum_matrices(parts)
+        sums: list[U64] = []
+        for k in range(max(inputs) + 1):
+            parts = list(inputs.get(k, {}).values())
+            if len(parts) != len(r.participants) or any(p.shape != parts[0].shape
+                                                        for p in parts):
+                r.findings.append(Finding(msg.location, "sum", f"inputs of chunk {k} missing "
+                                                              "or misshapen"))
+                return
+            sums.append(sum_matrices(parts))
+        total = np.concatenate(sums)
         kept = end.kept_mask()
-        if not np.array_equal(total[kept], end.totals):
+        if total.shape[0] != end.rows or not np.array_equal(total[kept], end.totals):
             r.findings.append(Finding(msg.location, "sum", "the published totals are not the "
                                                           "sum of the contributions"))
             return
@@ -448,8 +459,13 @@ class Auditor:
         me = self.key.party_id
         mine = [(m, self._open(m, r)) for m in r.messages if m.recipient == me]
         assign = next((x for _, x in mine if isinstance(x, MaskAssignment)), None)
-        share = next((x for _, x in mine if isinstance(x, LeaderShare)), None)
         ends = [(m, x) for m, x in mine if isinstance(x, RoundResult | RoundAbort)]
+        # the leader's chunks of I as the round took them: before its outcome, the first per
+        # chunk (a copy sealed again, or a later different one, changed nothing)
+        end_at = next((i for i, (_, x) in enumerate(mine)
+                       if isinstance(x, RoundResult | RoundAbort)), len(mine))
+        shares = list({x.chunk: x for _, x in reversed(mine[:end_at])
+                       if isinstance(x, LeaderShare)}.values())
         if len(ends) > 1:
             r.findings.append(Finding(ends[1][0].location, "outcome",
                                       f"{me} received {len(ends)} outcomes"))
@@ -460,9 +476,10 @@ class Auditor:
             r.reason = end.reason.name
         elif isinstance(end, RoundResult):
             r.rows = end.rows
-            if share is not None and end.rows != share.tokens.size:
+            shared = sum(s.tokens.size for s in shares)  # every chunk of I
+            if shares and end.rows != shared:
                 r.findings.append(Finding(m.location, "rows", f"{end.rows} rows for the "
-                                          f"{share.tokens.size} customers of the round"))
+                                          f"{shared} customers of the round"))
             try:
                 decode_totals(end.totals, assign.attributes, len(assign.participants))
             except TotalOutOfRange as exc:

@@ -31,6 +31,7 @@ from protocol.fixedpoint import AttributeSpec
 from protocol.messages import (
     DIGEST_BYTES,
     MAX_ATTRIBUTES,
+    MAX_CHUNKS,
     MAX_DETAIL,
     MAX_QUERY,
     MESSAGE_TYPES,
@@ -157,6 +158,12 @@ def _decode_value(kind: FieldKind | type, value: Any, path: str, max_bytes: int)
         if len(value) % 8:
             raise InvalidField(f"{len(value)} bytes is not a whole number of uint64", path=path)
         return np.frombuffer(value, dtype="<u8").astype(np.uint64, copy=False)
+    if kind is FieldKind.DIGEST_LIST:
+        _need(value, bytes, path, "bytes")
+        if len(value) % DIGEST_BYTES or len(value) > DIGEST_BYTES * MAX_CHUNKS:
+            raise InvalidField(f"{len(value)} bytes is not a list of at most {MAX_CHUNKS} "
+                               "digests", path=path)
+        return value
     if kind in (FieldKind.DIGEST, FieldKind.SIGNATURE):
         _need(value, bytes, path, "bytes")
         size = DIGEST_BYTES if kind is FieldKind.DIGEST else SIGNATURE_BYTES
@@ -188,6 +195,9 @@ def _decode_value(kind: FieldKind | type, value: Any, path: str, max_bytes: int)
         return value
     if kind is int:
         return _int(value, path)
+    if kind is bool:
+        _need(value, bool, path, "true or false")
+        return value
     if isinstance(kind, type) and issubclass(kind, Enum):
         if issubclass(kind, str):
             _need(value, str, path, "a string")
@@ -276,8 +286,17 @@ def digest_of(label: str, *parts: bytes) -> bytes:
     return h.digest()
 
 
-def query_digest(query: Tokens) -> bytes:
-    return digest_of("query", tokens_to_bytes(query))
+def query_chunk_digests(query: Tokens, chunk_rows: int) -> bytes:
+    """The digest of each chunk of `chunk_rows` tokens of the query, one after the other
+    (an empty query is one empty chunk)."""
+    starts = range(0, max(query.size, 1), chunk_rows)
+    return b"".join(digest_of("query", tokens_to_bytes(query[s:s + chunk_rows]))
+                    for s in starts)
+
+
+def query_digest(chunk_digests: bytes) -> bytes:
+    """The digest of the whole query: of the list of its chunks' digests."""
+    return digest_of("query chunks", chunk_digests)
 
 
 def rows_digest(salt: bytes, tokens: Tokens) -> bytes:
@@ -297,6 +316,11 @@ def attestation_statement(round_id: bytes, assignment: bytes) -> bytes:
     return digest_of("attestation", round_id, assignment)
 
 
-def endorsement_statement(round_id: bytes, assignment: bytes, rows: bytes) -> bytes:
-    """What the leader signs: these are the round's rows (by their salted digest)."""
-    return digest_of("endorsement", round_id, assignment, rows)
+def endorsement_statement(round_id: bytes, assignment: bytes, rows_digest: bytes, *,
+                          rows: int, chunk: int = 0, last: bool = True) -> bytes:
+    """What the leader signs: chunk `chunk` of the round's rows has `rows` rows with this
+    salted digest, and is (or is not) the last. The coordinator checks every contribution
+    chunk against it, so a contribution over other rows, or a leader that endorsed two
+    versions of one chunk, is caught and named."""
+    return digest_of("endorsement", round_id, assignment, rows_digest,
+                     chunk.to_bytes(8, "big"), rows.to_bytes(8, "big"), bytes([last]))

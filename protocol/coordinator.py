@@ -1,17 +1,20 @@
 """The coordinator's view of one round (claims 4-6): masks, the query to the leader, the sum.
 
-    AWAIT_REQUEST --RoundRequest--> COLLECTING --last share/contribution--> PUBLISHED
+    AWAIT_REQUEST --RoundRequest--> COLLECTING --last chunk of the last input--> PUBLISHED
                                     COLLECTING --Deadline / refusal / invalid--> ABORTED
 
 The coordinator adds matrices and nothing else: R = E_S + sum_{j != L} Y_j = sum_i X_i, because
-the shares sum to X_L + m_L and the masks sum to zero. Before publishing it checks every shape
-and that every total is one that honest contributions within bounds can produce; otherwise it
-aborts. A round ends exactly once: in PUBLISHED or in ABORTED.
+the shares sum to X_L + m_L and the masks sum to zero. It sends the query to the leader in
+chunks, and adds the share and contribution chunks as they arrive, in any order, each into the
+running sum of its chunk (in place); it publishes only once every chunk of every participant is
+in, and an abort drops every sum. Before publishing it checks every shape and that every total
+is one that honest contributions within bounds can produce; otherwise it aborts. A round ends
+exactly once: in PUBLISHED or in ABORTED.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from enum import Enum, auto
 from typing import ClassVar
 
@@ -23,6 +26,7 @@ from protocol.codec import (
     digest_of,
     encode,
     endorsement_statement,
+    query_chunk_digests,
     query_digest,
 )
 from protocol.errors import AbortReason, TotalOutOfRange
@@ -49,6 +53,7 @@ from protocol.messages import (
     RoundRequest,
     RoundResult,
     Scope,
+    ends_elsewhere,
     pack_bitmap,
 )
 from protocol.policy import ConsortiumPolicy, DifferencingGuard, Signer
@@ -56,7 +61,6 @@ from protocol.ring import (
     U64,
     derive_seed,
     permutation,
-    sum_matrices,
     uniform_below,
     zero_sum_masks,
 )
@@ -70,6 +74,18 @@ class CoordinatorState(Enum):
 
 
 CoordinatorPolicy = ConsortiumPolicy  # the coordinator holds the consortium's policy
+
+
+@dataclass
+class ChunkSum:
+    """One chunk of I at the coordinator: what the leader stated about it (by its own share or
+    by its endorsement in a contribution), the running sum of the inputs taken, and whose."""
+
+    rows: int
+    rows_digest: bytes
+    last: bool
+    total: U64
+    got: set[str] = field(default_factory=set)
 
 
 class CoordinatorRound(RoundMachine):
@@ -88,8 +104,9 @@ class CoordinatorRound(RoundMachine):
         self.assignment: MaskAssignment | None = None
         self.digest = b""  # the assignment's digest: what every share must carry
         self.masks: U64 | None = None  # row i is the mask of participants[i]
-        self.share: CoordinatorShare | None = None
-        self.contributions: dict[str, Contribution] = {}
+        self.chunks: dict[int, ChunkSum] = {}
+        self.last: int | None = None  # the index of I's last chunk, once the leader said it
+        self.complete = 0  # chunks with every participant's input added
         self._notify: tuple[str, ...] = ()
 
     # -- helpers -------------------------------------------------------------------------
@@ -105,12 +122,13 @@ class CoordinatorRound(RoundMachine):
         return None if self.assignment is None else frozenset(self.assignment.participants)
 
     def missing(self) -> tuple[str, ...]:
-        """Participants whose message the round still waits for."""
+        """Participants a chunk is still due from (the leader while its last is unknown)."""
         if self.assignment is None:
             return ()
-        out = [] if self.share is not None else [self.leader]
-        out += [p for p in self.participants if p != self.leader and p not in self.contributions]
-        return tuple(out)
+        due = range(self.last + 1) if self.last is not None else self.chunks
+        return tuple(p for p in self.participants
+                     if (p == self.leader and self.last is None) or
+                     any(k not in self.chunks or p not in self.chunks[k].got for k in due))
 
     def abort(self, reason: AbortReason, detail: str,
               culprits: tuple[str, ...] = ()) -> list[Output]:
@@ -119,8 +137,7 @@ class CoordinatorRound(RoundMachine):
         return out + super().abort(reason, detail, culprits)
 
     def release(self) -> None:
-        self.share = None
-        self.contributions = {}
+        self.chunks = {}
         self.request = None
 
     # -- handlers ------------------------------------------------------------------------
@@ -150,11 +167,12 @@ class CoordinatorRound(RoundMachine):
         leader = req.participants[
             uniform_below(derive_seed(self._secret, "leader", request_digest), n, 1)[0]]
         width = 1 + len(specs)
+        chunk_digests = query_chunk_digests(req.query, pol.chunk_rows)
         core = MaskAssignment(self.round_id, req.requester, req.participants, leader, specs,
                               req.scope, req.min_holders, req.deadline_ms, int(req.query.size),
-                              query_digest(req.query), pol.masks,
-                              np.zeros(width, dtype=np.uint64), bytes(SIGNATURE_BYTES),
-                              req.token_epoch)
+                              query_digest(chunk_digests), pol.chunk_rows, chunk_digests,
+                              pol.masks, np.zeros(width, dtype=np.uint64),
+                              bytes(SIGNATURE_BYTES), req.token_epoch)
         digest = assignment_digest(core)
         attestation = self.signer.sign(attestation_statement(self.round_id, digest))
         if pol.masks is MaskMode.PAIRWISE:  # the institutions derive theirs pairwise
@@ -176,23 +194,49 @@ class CoordinatorRound(RoundMachine):
                 self.assignment = a
             out.append(Send(p, a))
         assert self.assignment is not None
-        out.append(Send(leader, LeaderQuery(self.round_id, digest, req.query)))
+        for k in range(core.chunks):  # the leader joins each chunk as it arrives
+            rows = core.query_rows(k)
+            out.append(Send(leader, LeaderQuery(self.round_id, digest,
+                                                req.query[rows.start:rows.stop], k)))
         out.append(SetTimer(self.round_id, req.deadline_ms))
         self.state = CoordinatorState.COLLECTING
         return out
 
-    def _shape_problem(self, who: str, m: U64, rows: int | None = None) -> str:
+    def _take(self, sender: str, chunk: int, last: bool, rows_digest: bytes,
+              m: U64) -> list[Output]:
+        """Add one share or contribution chunk into the running sum of its chunk. What it says
+        about the chunk (rows, digest, last) is the leader's statement (its own share, or its
+        endorsement that `_on_contribution` verified), so a conflict names the leader."""
         a = self.assignment
         assert a is not None
+        leader = (a.leader,)
         if m.shape[1] != a.width:
-            return f"{who}'s matrix has {m.shape[1]} columns, not {a.width}"
-        if rows is not None:
-            return "" if m.shape[0] == rows else (
-                f"{who}'s matrix has {m.shape[0]} rows; the leader's share has {rows}")
-        if (m.shape[0] != a.query_size) if a.scope is Scope.QUERY else (
-                m.shape[0] > a.query_size):
-            return f"{who}'s matrix has {m.shape[0]} rows for a query of {a.query_size}"
-        return ""
+            return self.abort(AbortReason.INVALID_SHAPE, f"{sender}'s chunk {chunk} has "
+                              f"{m.shape[1]} columns, not {a.width}", (sender,))
+        rows = m.shape[0]
+        if problem := a.chunk_problem(chunk, rows, last):
+            return self.abort(AbortReason.INVALID_SHAPE, f"{a.leader} stated {problem}", leader)
+        if ends_elsewhere(self.last, self.chunks, chunk, last):
+            return self.abort(AbortReason.INCONSISTENT, f"{a.leader} ended I at two different "
+                              f"chunks ({self.last} and {chunk}, or a chunk past the last)",
+                              leader)
+        c = self.chunks.get(chunk)
+        if c is None:
+            # the sum starts as a copy of the first input (a decoded input is a read-only view)
+            c = self.chunks[chunk] = ChunkSum(rows, rows_digest, last, np.array(m, copy=True))
+        elif (c.rows, c.rows_digest, c.last) != (rows, rows_digest, last):
+            return self.abort(AbortReason.INCONSISTENT,
+                              f"{a.leader} stated two versions of chunk {chunk} of its rows "
+                              f"(to the coordinator and to {sender}, or to two institutions)",
+                              leader)
+        else:
+            np.add(c.total, m, out=c.total)
+        c.got.add(sender)
+        if last:
+            self.last = chunk
+        if len(c.got) == len(a.participants):
+            self.complete += 1
+        return self._maybe_finish()
 
     def _on_share(self, sender: str, msg: CoordinatorShare) -> list[Output]:
         if sender != self.leader:
@@ -200,10 +244,7 @@ class CoordinatorRound(RoundMachine):
         if msg.assignment != self.digest:
             return self.abort(AbortReason.INCONSISTENT,
                               f"{sender}'s share was computed on another assignment", (sender,))
-        if problem := self._shape_problem(sender, msg.share):
-            return self.abort(AbortReason.INVALID_SHAPE, problem, (sender,))
-        self.share = msg
-        return self._maybe_finish()
+        return self._take(sender, msg.chunk, msg.last, msg.rows_digest, msg.share)
 
     def _on_contribution(self, sender: str, msg: Contribution) -> list[Output]:
         if sender == self.leader:
@@ -213,14 +254,12 @@ class CoordinatorRound(RoundMachine):
                               f"{sender}'s contribution was computed on another assignment",
                               (sender,))
         if not self.signer.verify(self.leader, msg.endorsement, endorsement_statement(
-                self.round_id, self.digest, msg.rows_digest)):
+                self.round_id, self.digest, msg.rows_digest, rows=msg.values.shape[0],
+                chunk=msg.chunk, last=msg.last)):
             return self.abort(AbortReason.INCONSISTENT,
-                              f"{sender}'s contribution carries no valid endorsement of its "
-                              f"rows by {self.leader}", (sender,))
-        if problem := self._shape_problem(sender, msg.values):
-            return self.abort(AbortReason.INVALID_SHAPE, problem, (sender,))
-        self.contributions[sender] = msg
-        return self._maybe_finish()
+                              f"{sender}'s contribution (chunk {msg.chunk}) carries no valid "
+                              f"endorsement of its rows by {self.leader}", (sender,))
+        return self._take(sender, msg.chunk, msg.last, msg.rows_digest, msg.values)
 
     def _on_refusal(self, sender: str, msg: RoundAbort) -> list[Output]:
         """A participant refuses. The culprit is the refuser: whom it accuses is only its
@@ -231,47 +270,36 @@ class CoordinatorRound(RoundMachine):
 
     def _on_deadline(self, sender: str, _: Deadline) -> list[Output]:
         missing = self.missing()
-        # without the leader's share nobody else could contribute: the leader is to blame
-        culprits = (self.leader,) if self.share is None else missing
+        # without the leader's share chunks nobody else could contribute: the leader is to blame
+        culprits = (self.leader,) if self.leader in missing else missing
         return self.abort(AbortReason.TIMEOUT,
                           "no answer by the deadline from " + ", ".join(missing), culprits)
 
     def _maybe_finish(self) -> list[Output]:
-        if self.missing():
-            return []
-        a, share = self.assignment, self.share
+        a = self.assignment
         assert a is not None
-        assert share is not None
-        rows = share.share.shape[0]
-        for p in a.participants:
-            c = self.contributions.get(p)
-            if c is None:
-                continue
-            if c.rows_digest != share.rows_digest:
-                # the endorsement verified: the leader signed two different sets of rows
-                return self.abort(AbortReason.INCONSISTENT,
-                                  f"{a.leader} gave {p} other rows than it shared with the "
-                                  "coordinator (two endorsed row digests)", (a.leader,))
-            if problem := self._shape_problem(p, c.values, rows):
-                return self.abort(AbortReason.INVALID_SHAPE, problem, (p,))
-        total = sum_matrices([share.share, *(self.contributions[p].values
-                                             for p in a.participants if p != a.leader)])
-        try:
-            decoded = decode_totals(total, a.attributes, len(a.participants))
-        except TotalOutOfRange as exc:  # masked values: nobody can be named
-            return self.abort(AbortReason.TOTAL_OUT_OF_RANGE, str(exc))
-        holders = decoded[:, 0]
-        if a.scope is Scope.INTERSECTION and rows and int(holders.min()) < 1:
-            return self.abort(AbortReason.INVALID_VALUE,
-                              "a row of the leader's intersection has no holder")
-        kept = holders >= a.min_holders
-        result = RoundResult(self.round_id, rows, pack_bitmap(kept),
-                             np.ascontiguousarray(total[kept]))
+        if self.last is None or self.complete != self.last + 1:
+            return []
+        totals: list[U64] = []
+        kept: list[np.ndarray[tuple[int], np.dtype[np.bool_]]] = []
+        for k in range(self.last + 1):  # the result's rows in chunk order: I's order
+            total = self.chunks[k].total
+            try:
+                holders = decode_totals(total, a.attributes, len(a.participants))[:, 0]
+            except TotalOutOfRange as exc:  # masked values: nobody can be named
+                return self.abort(AbortReason.TOTAL_OUT_OF_RANGE, str(exc))
+            if a.scope is Scope.INTERSECTION and holders.size and int(holders.min()) < 1:
+                return self.abort(AbortReason.INVALID_VALUE,
+                                  "a row of the leader's intersection has no holder")
+            kept.append(holders >= a.min_holders)
+            totals.append(total[kept[-1]])
+        mask = np.concatenate(kept)
+        result = RoundResult(self.round_id, int(mask.size), pack_bitmap(mask),
+                             np.concatenate(totals))
         self.state = CoordinatorState.PUBLISHED
-        self._messages.clear()
         self.release()
         out: list[Output] = [Send(p, result) for p in a.participants]
-        out.append(Published(self.round_id, rows, int(kept.sum())))
+        out.append(Published(self.round_id, int(mask.size), int(mask.sum())))
         return out
 
     TABLE: ClassVar[dict[tuple[object, type], Handler | _Buffer]] = {

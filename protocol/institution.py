@@ -1,13 +1,20 @@
 """An institution's view of one round (claims 1-3): as the leader, or as one of the others.
 
-    AWAIT_ASSIGNMENT --MaskAssignment--> AWAIT_QUERY (leader) --LeaderQuery--> AWAIT_RESULT
-                                         AWAIT_SHARE (other)  --LeaderShare--> AWAIT_RESULT
+    AWAIT_ASSIGNMENT --MaskAssignment--> AWAIT_QUERY (leader) --last LeaderQuery--> AWAIT_RESULT
+                                         AWAIT_SHARE (other)  --last LeaderShare--> AWAIT_RESULT
     AWAIT_RESULT --RoundResult--> DONE;  any running state --RoundAbort / Deadline--> ABORTED
 
 The leader joins Q with its data (I = Q ∩ D_L, in query order; or I = Q in `query` scope) and
 splits X_L + m_L into n shares: a 32-byte seed for each other institution (E_j = PRG(seed_j))
 and the full matrix E_S = X_L + m_L - sum_j E_j for the coordinator, without the tokens. Every
 other institution aligns its data to the tokens of I and sends Y_j = E_j + X_j + m_j.
+
+All of it chunk by chunk (messages.py): the leader joins each query chunk as it arrives (in
+order), and sends a chunk of I, its shares and E_S, as soon as it has a full chunk of rows (the
+rest, marked last, once the whole query is joined); every other institution sends the
+contribution of each chunk of I as it arrives. A chunk of E_j is the same row range of PRG(seed_j)
+at the leader and at j (`ring.prg_rows`). Each query chunk is checked against its digest in the
+assignment, each share chunk against the leader's endorsement, on arrival.
 A share or query that arrives before the assignment is kept until the assignment arrives.
 """
 
@@ -17,14 +24,16 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
+from numpy.typing import NDArray
 
 from protocol.codec import (
     assignment_digest,
     attestation_statement,
     endorsement_statement,
+    query_chunk_digests,
     query_digest,
     rows_digest,
 )
@@ -34,6 +43,7 @@ from protocol.machine import (
     BUFFER,
     Deadline,
     Handler,
+    Input,
     Outcome,
     Output,
     RoundMachine,
@@ -52,6 +62,8 @@ from protocol.messages import (
     RoundRequest,
     RoundResult,
     Scope,
+    chunk_count,
+    ends_elsewhere,
 )
 from protocol.policy import ConsortiumPolicy, DifferencingGuard, Signer
 from protocol.ring import (
@@ -61,10 +73,11 @@ from protocol.ring import (
     derive_seed,
     pairwise_mask,
     pairwise_seed,
-    prg_matrix,
+    prg_rows,
 )
-from protocol.tokens import LocalTable, Tokens
+from protocol.tokens import TOKEN_DTYPE, LocalTable, Tokens
 
+G = TypeVar("G", bound=np.generic)
 DEFAULT_GRACE_MS = 5_000  # ms past a round's deadline an institution still waits for its end
 
 
@@ -131,10 +144,29 @@ class RequestTerms:
         return None
 
 
-def request_terms(req: RoundRequest) -> RequestTerms:
+def request_terms(req: RoundRequest, chunk_rows: int) -> RequestTerms:
+    """`req`'s terms, its query's digest over chunks of the policy's `chunk_rows`."""
     return RequestTerms(req.token_epoch, req.scope, req.participants, req.attributes,
                         req.min_holders, req.deadline_ms, int(req.query.size),
-                        query_digest(req.query))
+                        query_digest(query_chunk_digests(req.query, chunk_rows)))
+
+
+def _rows(inp: Input) -> int:
+    """The rows of a chunk held before the assignment (a query chunk or a leader's share)."""
+    return inp.query.size if isinstance(inp, LeaderQuery) else \
+        inp.tokens.size if isinstance(inp, LeaderShare) else 0
+
+
+@dataclass
+class _Joined:
+    """The leader's rows of I joined but not yet shared (fewer than a chunk, but for the
+    query chunk just joined), and what it needs to share them."""
+
+    tokens: list[Tokens] = field(default_factory=list)
+    values: list[U64] = field(default_factory=list)
+    rows: int = 0
+    seeds: list[bytes] = field(default_factory=list)
+    salt: bytes = b""
 
 
 class InstitutionRound(RoundMachine):
@@ -147,12 +179,39 @@ class InstitutionRound(RoundMachine):
         self.ctx = ctx
         self.assignment: MaskAssignment | None = None
         self.digest = b""  # the assignment's digest
-        self.tokens: Tokens | None = None  # tokens of I, in row order
+        self.chunks: dict[int, Tokens] = {}  # tokens of I, by chunk of I
+        self.last: int | None = None  # I's last chunk, once the leader said which
+        self.queries: dict[int, Tokens] = {}  # the leader's query chunks ahead of their turn
+        self.joined = 0  # the leader's query chunks joined
+        self.unshared = _Joined()
+        self.unsent: list[Output] = []  # `intersection` scope: chunks of I shared, not sent
         self.table = ctx.table  # the data under the round's token epoch (set by its assignment)
+
+    @property
+    def tokens(self) -> Tokens | None:
+        """The tokens of I in row order, once every chunk is in (None before)."""
+        if self.last is None or len(self.chunks) != self.last + 1:
+            return None
+        return np.concatenate([self.chunks[k] for k in range(self.last + 1)]) if \
+            self.last else self.chunks[0]
 
     def senders(self) -> frozenset[str] | None:
         a = self.assignment
         return None if a is None else frozenset((self.ctx.coordinator, *a.participants))
+
+    def unheld(self, sender: str, inp: Input) -> str:
+        """Before the assignment a sender's chunks of one kind are held only as far as an
+        honest round sends them: each of at most `chunk_rows` rows, at most `max_query` rows in
+        at most max_query / chunk_rows chunks (what one whole query would hold)."""
+        pol = self.ctx.policy
+        rows = _rows(inp)
+        held = [_rows(i) for s, i in self._pending if s == sender and type(i) is type(inp)]
+        if rows > pol.chunk_rows or len(held) >= chunk_count(pol.max_query, pol.chunk_rows) \
+                or sum(held) + rows > pol.max_query:
+            return (f"{sender} sent more {type(inp).__name__} chunks before the assignment "
+                    f"than a round holds (this one {rows} rows, {len(held)} held of "
+                    f"{sum(held)} rows; chunk_rows {pol.chunk_rows}, max_query {pol.max_query})")
+        return ""
 
     def abort(self, reason: AbortReason, detail: str,
               culprits: tuple[str, ...] = ()) -> list[Output]:
@@ -165,7 +224,10 @@ class InstitutionRound(RoundMachine):
         return out + super().abort(reason, detail, culprits)
 
     def release(self) -> None:
-        self.tokens = None
+        self.chunks = {}
+        self.queries = {}
+        self.unshared = _Joined()
+        self.unsent = []
 
     def _refuse(self, detail: str, reason: AbortReason = AbortReason.REFUSED,
                 culprits: tuple[str, ...] | None = None) -> list[Output]:
@@ -191,8 +253,12 @@ class InstitutionRound(RoundMachine):
             return self._refuse(f"the assignment of the round it asked for differs from its "
                                 f"request: {problem}", AbortReason.INCONSISTENT, coord)
         # the consortium's floors, checked against this institution's own copy
-        if problem := ctx.policy.problem(a.participants, a.min_holders, a.query_size, a.masks):
+        if problem := ctx.policy.problem(a.participants, a.min_holders, a.query_size, a.masks,
+                                         a.chunk_rows):
             return self._refuse(problem, AbortReason.POLICY, (ctx.coordinator,))
+        if query_digest(a.query_chunks) != a.query_digest:
+            return self._refuse("the assignment's query digest is not that of its chunks' "
+                                "digests", AbortReason.INCONSISTENT, coord)
         if ctx.guard is not None and ctx.policy.allow_subsets and (
                 problem := ctx.guard.problem(a.participants)):
             return self._refuse(problem, AbortReason.DIFFERENCING, (ctx.coordinator,))
@@ -215,8 +281,9 @@ class InstitutionRound(RoundMachine):
                       else InstitutionState.AWAIT_SHARE)
         return [SetTimer(self.round_id, a.deadline_ms + ctx.grace_ms)]
 
-    def _masked(self, values: U64) -> U64:
-        """X + m: the dealt mask added to every row, or this institution's pairwise mask."""
+    def _masked(self, values: U64, start: int) -> U64:
+        """X + m over rows start .. of I: the dealt mask added to every row, or this
+        institution's pairwise mask over that row range."""
         a, ctx = self.assignment, self.ctx
         assert a is not None
         if a.masks is MaskMode.DEALT:
@@ -224,8 +291,9 @@ class InstitutionRound(RoundMachine):
         me = a.participants.index(ctx.me)
         seeds = {j: pairwise_seed(ctx.signer.agree(p), self.digest, ctx.me, p)
                  for j, p in enumerate(a.participants) if p != ctx.me}
-        mask = pairwise_mask(me, seeds, values.shape[0], values.shape[1])
-        return np.add(values, mask, dtype=np.uint64)
+        mask = pairwise_mask(me, seeds, values.shape[0], values.shape[1], start)
+        np.add(mask, values, out=mask)
+        return mask
 
     def _names(self) -> tuple[str, ...]:
         assert self.assignment is not None
@@ -236,34 +304,82 @@ class InstitutionRound(RoundMachine):
         assert a is not None
         if sender != ctx.coordinator:
             return self.abort_unexpected(sender, q)
-        if q.assignment != self.digest or q.query.size != a.query_size or \
-                query_digest(q.query) != a.query_digest:
-            return self._refuse("the query does not match the round's assignment",
+        if q.assignment != self.digest or q.chunk >= a.chunks or \
+                q.query.size != len(a.query_rows(q.chunk)) or \
+                query_chunk_digests(q.query, a.chunk_rows) != a.chunk_digest(q.chunk):
+            return self._refuse(f"query chunk {q.chunk} does not match the round's assignment",
                                 AbortReason.INCONSISTENT, (ctx.coordinator,))
+        if not self.unshared.salt:  # the first chunk: the round's seeds and salt
+            others = [p for p in a.participants if p != ctx.me]
+            # every seed of the round is derived from the digest of its whole assignment
+            self.unshared.seeds = [derive_seed(ctx.secret, "share", self.digest,
+                                               a.participants.index(p)) for p in others]
+            self.unshared.salt = derive_seed(ctx.secret, "salt", self.digest)
+        self.queries[q.chunk] = q.query  # joined in query order: I is in query order
+        out: list[Output] = []
+        while self.joined in self.queries:
+            query = self.queries.pop(self.joined)
+            self.joined += 1
+            if problem := self._join(query):
+                return self._refuse(problem)
+            final = self.joined == a.chunks
+            # a full chunk is shared at once (in `intersection` scope the last may then be
+            # empty); at the end of the query the rest is the last chunk, full or not
+            while self.unshared.rows > a.chunk_rows or (
+                    self.unshared.rows == a.chunk_rows and not final):
+                out += self._share_chunk(a.chunk_rows, last=False)
+            if final:
+                out += self._share_chunk(self.unshared.rows, last=True)
+                self.state = InstitutionState.AWAIT_RESULT
+        if a.scope is Scope.INTERSECTION and self.state is not InstitutionState.AWAIT_RESULT:
+            # when a chunk of I left would tell which query chunk filled it (with a chunk of
+            # one row: I itself), so none leaves before the whole query is joined
+            self.unsent += out
+            return []
+        out, self.unsent = self.unsent + out, []
+        return out
+
+    def _join(self, query: Tokens) -> str:
+        """Join one query chunk into the leader's rows of I not yet shared."""
+        a, p = self.assignment, self.unshared
+        assert a is not None
         if a.scope is Scope.INTERSECTION:
-            found, _ = self.table.locate(q.query)
-            tokens = q.query[found]
+            found, _ = self.table.locate(query)
+            tokens = query[found]
         else:
-            tokens = q.query
+            tokens = query
         try:
-            values = self.table.aligned(tokens, self._names())
+            p.values.append(self.table.aligned(tokens, self._names()))
         except DataError as exc:
-            return self._refuse(str(exc))
-        others = [p for p in a.participants if p != ctx.me]
-        # every seed of the round is derived from the digest of its whole assignment
-        seeds = [derive_seed(ctx.secret, "share", self.digest, a.participants.index(p))
-                 for p in others]
-        salt = derive_seed(ctx.secret, "salt", self.digest)
-        rows = rows_digest(salt, tokens)
-        endorsement = ctx.signer.sign(endorsement_statement(self.round_id, self.digest, rows))
-        e_s = coordinator_share(self._masked(values), seeds)
-        self.tokens = tokens
-        self.state = InstitutionState.AWAIT_RESULT
+            return str(exc)
+        p.tokens.append(tokens)
+        p.rows += tokens.size
+        return ""
+
+    def _share_chunk(self, rows: int, *, last: bool) -> list[Output]:
+        """The leader's next chunk of I (its first `rows` joined rows): a LeaderShare to every
+        other institution and E_S to the coordinator."""
+        a, ctx, p = self.assignment, self.ctx, self.unshared
+        assert a is not None
+        k = len(self.chunks)
+        tokens = _take_rows(p.tokens, rows, np.empty(0, dtype=TOKEN_DTYPE))
+        values = _take_rows(p.values, rows, np.empty((0, a.width), dtype=np.uint64))
+        p.rows -= rows
+        start = k * a.chunk_rows
+        digest = rows_digest(p.salt, tokens)
+        endorsement = ctx.signer.sign(endorsement_statement(
+            self.round_id, self.digest, digest, rows=rows, chunk=k, last=last))
+        e_s = coordinator_share(self._masked(values, start), p.seeds, start)
+        self.chunks[k] = tokens
+        if last:
+            self.last = k
+        others = [q for q in a.participants if q != ctx.me]
         out: list[Output] = [
-            Send(p, LeaderShare(self.round_id, self.digest, a.attestation, salt, endorsement,
-                                tokens, s))
-            for p, s in zip(others, seeds, strict=True)]
-        out.append(Send(ctx.coordinator, CoordinatorShare(self.round_id, self.digest, rows, e_s)))
+            Send(q, LeaderShare(self.round_id, self.digest, a.attestation, p.salt, endorsement,
+                                tokens, s, k, last))
+            for q, s in zip(others, p.seeds, strict=True)]
+        out.append(Send(ctx.coordinator, CoordinatorShare(self.round_id, self.digest, digest,
+                                                          e_s, k, last)))
         return out
 
     def _on_share(self, sender: str, s: LeaderShare) -> list[Output]:
@@ -279,26 +395,32 @@ class InstitutionRound(RoundMachine):
             # the coordinator signed two different assignments for this round
             return self._refuse(f"{ctx.coordinator} attested two different assignments",
                                 AbortReason.INCONSISTENT, (ctx.coordinator,))
-        rows = rows_digest(s.salt, s.tokens)
-        if not ctx.signer.verify(sender, s.endorsement,
-                                 endorsement_statement(self.round_id, self.digest, rows)):
-            return self._refuse(f"{sender}'s endorsement of its rows does not verify",
-                                AbortReason.INCONSISTENT, (sender,))
         n_rows = s.tokens.size
-        if (n_rows != a.query_size) if a.scope is Scope.QUERY else (n_rows > a.query_size):
-            return self._refuse(f"{sender} shared {n_rows} rows for a query of "
-                                f"{a.query_size} ({a.scope})", AbortReason.INVALID_SHAPE,
+        rows = rows_digest(s.salt, s.tokens)
+        if not ctx.signer.verify(sender, s.endorsement, endorsement_statement(
+                self.round_id, self.digest, rows, rows=n_rows, chunk=s.chunk, last=s.last)):
+            return self._refuse(f"{sender}'s endorsement of its rows (chunk {s.chunk}) does "
+                                "not verify", AbortReason.INCONSISTENT, (sender,))
+        if problem := a.chunk_problem(s.chunk, n_rows, s.last):
+            return self._refuse(f"{sender} shared {problem}", AbortReason.INVALID_SHAPE,
                                 (sender,))
+        if ends_elsewhere(self.last, self.chunks, s.chunk, s.last):
+            return self._refuse(f"{sender} ended I at two different chunks",
+                                AbortReason.INCONSISTENT, (sender,))
         try:
             x = self.table.aligned(s.tokens, self._names())
         except DataError as exc:
             return self._refuse(str(exc))
-        y = self._masked(x)
-        y += prg_matrix(s.seed, n_rows, a.width)  # Y_j = E_j + X_j + m_j
-        self.tokens = s.tokens
-        self.state = InstitutionState.AWAIT_RESULT
+        start = s.chunk * a.chunk_rows
+        y = self._masked(x, start)
+        y += prg_rows(s.seed, start, n_rows, a.width)  # Y_j = E_j + X_j + m_j
+        self.chunks[s.chunk] = s.tokens
+        if s.last:
+            self.last = s.chunk
+        if self.tokens is not None:
+            self.state = InstitutionState.AWAIT_RESULT
         return [Send(ctx.coordinator, Contribution(self.round_id, self.digest, rows,
-                                                   s.endorsement, y))]
+                                                   s.endorsement, y, s.chunk, s.last))]
 
     def _on_result(self, sender: str, r: RoundResult) -> list[Output]:
         a, tokens = self.assignment, self.tokens
@@ -321,7 +443,6 @@ class InstitutionRound(RoundMachine):
         self.state = InstitutionState.DONE
         out: list[Output] = [Outcome(self.round_id, tokens[kept], totals, a.attributes,
                                      int(r.rows - kept.sum()), a.requester)]
-        self._messages.clear()
         self.release()
         return out
 
@@ -351,3 +472,23 @@ class InstitutionRound(RoundMachine):
         (InstitutionState.AWAIT_RESULT, RoundAbort): _on_abort,
         (InstitutionState.AWAIT_RESULT, Deadline): _on_deadline,
     }
+
+
+def _take_rows(parts: list[NDArray[G]], rows: int, empty: NDArray[G]) -> NDArray[G]:
+    """Remove the first `rows` rows from the list of arrays `parts` and return them as one
+    array (a view when they lie in one part)."""
+    taken = []
+    need = rows
+    while need:
+        head = parts[0]
+        if head.shape[0] <= need:
+            taken.append(parts.pop(0))
+            need -= head.shape[0]
+        else:
+            taken.append(head[:need])
+            parts[0] = head[need:]
+            need = 0
+    if not taken:
+        return empty
+    return taken[0] if len(taken) == 1 else np.concatenate(taken)
+

@@ -3,21 +3,32 @@
 Who sends what (PROTOCOL.md, "One round"):
   RoundRequest      institution -> coordinator   query tokens, columns, participants, policy
   MaskAssignment    coordinator -> institution   its mask and the round's parameters
-  LeaderQuery       coordinator -> leader        the query tokens Q
-  LeaderShare       leader -> institution        tokens of I and a 32-byte seed (its share E_j)
-  CoordinatorShare  leader -> coordinator        E_S = X_L + m_L - sum_j PRG(seed_j), no tokens
-  Contribution      institution -> coordinator   Y_j = E_j + X_j + m_j
+  LeaderQuery       coordinator -> leader        one chunk of the query tokens Q
+  LeaderShare       leader -> institution        one chunk of the tokens of I and a 32-byte
+                                                 seed (its share E_j)
+  CoordinatorShare  leader -> coordinator        one chunk of E_S = X_L + m_L - sum_j E_j,
+                                                 no tokens
+  Contribution      institution -> coordinator   one chunk of Y_j = E_j + X_j + m_j
   RoundResult       coordinator -> institution   totals of the rows at or above min_holders
   RoundAbort        coordinator -> institution   typed reason (or institution -> coordinator:
                                                  it refuses the round)
 
 Matrices are |I| x A in Z_2^64 with column 0 = holders. Field kinds for the codec are given with
 `Annotated` markers, so the codec needs no per-message code.
+
+Chunks: the query, the shares and the contributions travel as numbered chunks of the round's
+`chunk_rows` rows (the consortium's policy), each its own message, so that every stage works on
+one chunk while the next is on its way. Query chunk k holds rows k*chunk_rows .. of Q, and the
+assignment lists the digest of every query chunk. Chunk k of I (of the shares and
+contributions) holds rows k*chunk_rows .. of I; every chunk but the last (`last`) is full, so
+nobody learns more of I from the chunks than |I|, and the PRG of chunk k is the row range
+k*chunk_rows .. of the whole expansion (`ring.prg_rows`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum, IntEnum, StrEnum
 from typing import Annotated, ClassVar
@@ -45,6 +56,7 @@ class FieldKind(Enum):
     VECTOR = "vector"
     BITMAP = "bitmap"
     DIGEST = "digest"
+    DIGEST_LIST = "digest_list"
     SIGNATURE = "signature"
 
 
@@ -56,9 +68,21 @@ Vector = Annotated[U64, FieldKind.VECTOR]
 Bitmap = Annotated[bytes, FieldKind.BITMAP]
 Digest = Annotated[bytes, FieldKind.DIGEST]
 Signature = Annotated[bytes, FieldKind.SIGNATURE]
+DigestList = Annotated[bytes, FieldKind.DIGEST_LIST]
 DIGEST_BYTES = 32
 SIGNATURE_BYTES = 64
 MAX_QUERY = 16_000_000  # a hard ceiling; the consortium's policy sets the real limit
+MAX_CHUNKS = 16_384  # chunks of one query (the policy keeps max_query / chunk_rows below)
+MAX_CHUNK_ROWS = 1 << 20
+# 64 rows short of 2^16: a full chunk's body (rows x A x 8 bytes and ~300 bytes of framing)
+# then fills its padding bucket (envelope.padded_size) for every width A <= 8, not 20% over
+DEFAULT_CHUNK_ROWS = 65_472
+
+
+def chunk_count(rows: int, chunk_rows: int) -> int:
+    """How many chunks of `chunk_rows` rows hold `rows` rows: one at least (an empty query or
+    intersection still travels as one empty chunk)."""
+    return max(1, -(-rows // chunk_rows))
 
 
 class MessageKind(IntEnum):
@@ -149,6 +173,11 @@ def _check_matrix(m: U64, what: str) -> None:
         raise ValueError(f"{what}: expected a 2-d uint64 matrix")
 
 
+def _check_chunk(chunk: int) -> None:
+    if not 0 <= chunk < MAX_CHUNKS:
+        raise ValueError(f"chunk {chunk} is not in 0..{MAX_CHUNKS - 1}")
+
+
 @dataclass(frozen=True, eq=False)
 class Message:
     """Base of every message. Compare contents with `codec.same_content`, not `==`."""
@@ -198,6 +227,8 @@ class MaskAssignment(Message):
     names the round's whole assignment, every seed and mask of the round is derived from it,
     and every share and contribution carries it. `attestation` is the coordinator's signature
     over that digest, which the leader forwards so that the others can prove equivocation.
+    `query_chunks` is the digest of each chunk of the query (codec.query_chunk_digests), so
+    the leader checks every chunk as it arrives; `query_digest` is the digest of that list.
     """
 
     KIND: ClassVar[MessageKind] = MessageKind.MASK_ASSIGNMENT
@@ -210,6 +241,8 @@ class MaskAssignment(Message):
     deadline_ms: int
     query_size: int
     query_digest: Digest
+    chunk_rows: int
+    query_chunks: DigestList
     masks: MaskMode
     mask: Vector  # all zeros in pairwise mode: the coordinator deals nothing
     attestation: Signature
@@ -236,21 +269,62 @@ class MaskAssignment(Message):
             raise ValueError(f"query_size {self.query_size} is not in 0..{MAX_QUERY}")
         _check_bytes(self.query_digest, DIGEST_BYTES, "query_digest")
         _check_bytes(self.attestation, SIGNATURE_BYTES, "attestation")
+        if not 1 <= self.chunk_rows <= MAX_CHUNK_ROWS:
+            raise ValueError(f"chunk_rows {self.chunk_rows} is not in 1..{MAX_CHUNK_ROWS}")
+        if self.chunks > MAX_CHUNKS:
+            raise ValueError(f"{self.chunks} query chunks; at most {MAX_CHUNKS}")
+        _check_bytes(self.query_chunks, DIGEST_BYTES * self.chunks, "query_chunks")
 
     @property
     def width(self) -> int:
         """A: the number of columns, `holders` included."""
         return 1 + len(self.attributes)
 
+    @property
+    def chunks(self) -> int:
+        """The number of query chunks (and the most chunks I can have)."""
+        return chunk_count(self.query_size, self.chunk_rows)
+
+    def query_rows(self, chunk: int) -> range:
+        """The rows of Q in query chunk `chunk`."""
+        start = chunk * self.chunk_rows
+        return range(start, min(start + self.chunk_rows, self.query_size))
+
+    def chunk_digest(self, chunk: int) -> bytes:
+        return self.query_chunks[chunk * DIGEST_BYTES:(chunk + 1) * DIGEST_BYTES]
+
+    def chunk_problem(self, chunk: int, rows: int, last: bool) -> str:
+        """What is wrong with the leader's statement that chunk `chunk` of I has `rows` rows
+        and is (or is not) the last, or "": every chunk but the last is full, and I has at
+        most |Q| rows (in `query` scope exactly Q's chunks). In `intersection` scope the last
+        chunk may be empty: the leader sends a full chunk as soon as it has one, before it
+        knows whether the rest of the query holds another row. Checked by every institution
+        on each share chunk and by the coordinator on each share and contribution chunk."""
+        c = self.chunk_rows
+        if last:
+            problem = "" if rows <= c else "a last chunk"
+        else:
+            problem = "" if rows == c else "a chunk before the last"
+        if not problem and chunk * c + rows > self.query_size:
+            problem = f"rows past the query's {self.query_size}, in a chunk"
+        if not problem and self.scope is Scope.QUERY and (
+                last != (chunk == self.chunks - 1) or rows != len(self.query_rows(chunk))):
+            problem = f"in `query` scope (one row per query token, {self.chunks} chunks),"
+        return f"{problem} of {rows} rows (chunk {chunk}, chunks of {c})" if problem else ""
+
 
 @dataclass(frozen=True, eq=False)
 class LeaderQuery(Message):
+    """Query chunk `chunk`: rows chunk*chunk_rows .. of Q."""
+
     KIND: ClassVar[MessageKind] = MessageKind.LEADER_QUERY
     assignment: Digest
     query: TokenList
+    chunk: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_chunk(self.chunk)
         _check_bytes(self.assignment, DIGEST_BYTES, "assignment")
         if self.query.size > MAX_QUERY:
             raise ValueError(f"query: at most {MAX_QUERY} tokens")
@@ -262,9 +336,12 @@ class LeaderShare(Message):
     """The leader's share for one institution: the tokens of I, a seed, and what binds them.
 
     `attestation` is the coordinator's signature over `assignment` (forwarded from the leader's
-    MaskAssignment); `endorsement` is the leader's signature over (round, assignment, rows
-    digest), where the rows digest is H(salt || tokens) and `salt` is never shown to the
-    coordinator (which knows Q and could otherwise test guesses of I against it)."""
+    MaskAssignment); `endorsement` is the leader's signature over (round, assignment, chunk,
+    rows, last, rows digest) (codec.endorsement_statement), where the rows digest is
+    H(salt || tokens) and `salt` is never shown to the coordinator (which knows Q and could
+    otherwise test guesses of I against it). One message per chunk of I; `last` marks the
+    final chunk, which only the leader knows when it sends it (in `intersection` scope |I| is
+    known once the whole query is joined)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.LEADER_SHARE
     assignment: Digest
@@ -273,9 +350,12 @@ class LeaderShare(Message):
     endorsement: Signature
     tokens: TokenList
     seed: Seed
+    chunk: int = 0
+    last: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_chunk(self.chunk)
         _check_bytes(self.assignment, DIGEST_BYTES, "assignment")
         _check_bytes(self.attestation, SIGNATURE_BYTES, "attestation")
         _check_bytes(self.salt, SEED_BYTES, "salt")
@@ -288,13 +368,18 @@ class LeaderShare(Message):
 
 @dataclass(frozen=True, eq=False)
 class CoordinatorShare(Message):
+    """Chunk `chunk` of E_S, over the same rows (`rows_digest`) as the institutions' chunk."""
+
     KIND: ClassVar[MessageKind] = MessageKind.COORDINATOR_SHARE
     assignment: Digest
     rows_digest: Digest
     share: Matrix
+    chunk: int = 0
+    last: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_chunk(self.chunk)
         _check_bytes(self.assignment, DIGEST_BYTES, "assignment")
         _check_bytes(self.rows_digest, DIGEST_BYTES, "rows_digest")
         _check_matrix(self.share, "share")
@@ -302,17 +387,20 @@ class CoordinatorShare(Message):
 
 @dataclass(frozen=True, eq=False)
 class Contribution(Message):
-    """Y_j, with the assignment and rows digest it was computed on and the leader's
-    endorsement of that rows digest (so the coordinator can tell who sent a different I)."""
+    """Chunk `chunk` of Y_j, with the assignment and rows digest it was computed on and the
+    leader's endorsement of that chunk (so the coordinator can tell who sent a different I)."""
 
     KIND: ClassVar[MessageKind] = MessageKind.CONTRIBUTION
     assignment: Digest
     rows_digest: Digest
     endorsement: Signature
     values: Matrix
+    chunk: int = 0
+    last: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_chunk(self.chunk)
         _check_bytes(self.assignment, DIGEST_BYTES, "assignment")
         _check_bytes(self.rows_digest, DIGEST_BYTES, "rows_digest")
         _check_bytes(self.endorsement, SIGNATURE_BYTES, "endorsement")
@@ -361,6 +449,24 @@ class RoundAbort(Message):
             raise ValueError(f"culprits: at most {MAX_PARTICIPANTS}")
         for c in self.culprits:
             check_party(c, "culprit")
+
+
+Chunked = LeaderQuery | LeaderShare | CoordinatorShare | Contribution
+
+
+def ends_elsewhere(last_known: int | None, chunks_known: Iterable[int], chunk: int,
+                   last: bool) -> bool:
+    """Whether chunk `chunk` (the last or not) contradicts what is known of I's chunks: the
+    index of the last (if one came) and the indices that came. Only the leader says which
+    chunk is the last; one that contradicts it is the leader's doing."""
+    if last_known is not None:
+        return chunk > last_known or (last and chunk != last_known)
+    return last and max(chunks_known, default=-1) > chunk
+
+
+def chunk_of(msg: Message) -> int:
+    """The chunk a message is about (0 for the messages that are never chunked)."""
+    return msg.chunk if isinstance(msg, Chunked) else 0
 
 
 MESSAGE_TYPES: dict[MessageKind, type[Message]] = {

@@ -76,8 +76,11 @@ from protocol.snapshot import encode as encode_snapshot
 from protocol.tokens import LocalTable, Tokens
 
 MAX_ROUNDS_KEPT = 100_000  # machines kept in memory; the ledger keeps every id forever
-MAX_EARLY_PER_SENDER = 64  # peers' messages kept until the coordinator opens their round
+# peers' messages kept until the coordinator opens their round, per sender: bounded in bytes,
+# each message charged its tokens and EARLY_MESSAGE_BYTES more (so at most 65,536 messages),
+# not in a count, since a leader sends all its chunks of I at once (one per 65,472 rows)
 MAX_EARLY_BYTES_PER_SENDER = 64 * 1024 * 1024
+EARLY_MESSAGE_BYTES = 1024
 LEDGER_DIGEST_BYTES = 8
 
 
@@ -461,12 +464,14 @@ class InstitutionParty(_Party):
                                    "which is not open here", sender=sender)
             early = self._early.setdefault(sender, deque())
             early.append((msg.round_id, msg, self.last_position))
-            held = sum(int(m.tokens.nbytes) for _, m, _ in early if isinstance(m, LeaderShare))
-            if len(early) > MAX_EARLY_PER_SENDER or held > MAX_EARLY_BYTES_PER_SENDER:
+            held = sum(EARLY_MESSAGE_BYTES + int(m.tokens.nbytes)
+                       for _, m, _ in early if isinstance(m, LeaderShare))
+            if held > MAX_EARLY_BYTES_PER_SENDER:
                 rid, _, _ = early.popleft()
                 raise QuotaExceeded(f"{sender} has more early messages than its quota "
-                                    f"({MAX_EARLY_PER_SENDER}, {MAX_EARLY_BYTES_PER_SENDER} "
-                                    f"bytes); dropped one for {rid.hex()}", sender=sender)
+                                    f"({MAX_EARLY_BYTES_PER_SENDER} bytes, each message "
+                                    f"{EARLY_MESSAGE_BYTES} bytes and its tokens); dropped one "
+                                    f"for {rid.hex()}", sender=sender)
             return []
         m = self._open(msg.round_id, InstitutionRound(msg.round_id, self._context()), sender)
         out = m.handle(sender, msg)
@@ -502,7 +507,7 @@ class InstitutionParty(_Party):
         `token_epoch` (raises ValueError for an invalid request)."""
         req = RoundRequest(round_id, self.me.party_id, participants, attributes, scope,
                            min_holders, deadline_ms, query, token_epoch)
-        self._requested[round_id] = request_terms(req)
+        self._requested[round_id] = request_terms(req, self.policy.chunk_rows)
         while len(self._requested) > MAX_ROUNDS_KEPT:
             self._requested.popitem(last=False)
         return [self._seal(Send(self.coordinator, req))]

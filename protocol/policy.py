@@ -21,7 +21,13 @@ from typing import Protocol
 import numpy as np
 
 from protocol.fixedpoint import AttributeSpec
-from protocol.messages import MaskMode
+from protocol.messages import (
+    DEFAULT_CHUNK_ROWS,
+    MAX_CHUNK_ROWS,
+    MAX_CHUNKS,
+    MaskMode,
+    chunk_count,
+)
 
 DEFAULT_MAX_QUERY = 10_000_000
 DEFAULT_DIFFERENCE_WINDOW = 10_000
@@ -35,7 +41,8 @@ class ConsortiumPolicy:
     """What every party of a consortium holds: institutions, attribute specs and the floors.
 
     `min_participants` 0 means every institution; with `allow_subsets` false (the default) a
-    round must include every institution whatever its request says."""
+    round must include every institution whatever its request says. `chunk_rows`: the rows of
+    each chunk a round's query, shares and contributions travel in (messages.py)."""
 
     institutions: frozenset[str]
     attributes: dict[str, AttributeSpec] = field(default_factory=dict)
@@ -45,6 +52,7 @@ class ConsortiumPolicy:
     max_query: int = DEFAULT_MAX_QUERY
     difference_window: int = DEFAULT_DIFFERENCE_WINDOW
     masks: MaskMode = MaskMode.DEALT
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
     expire_after: int = DEFAULT_EXPIRE_AFTER
 
     def __post_init__(self) -> None:
@@ -52,6 +60,10 @@ class ConsortiumPolicy:
             raise ValueError("policy: min_participants >= 0, min_holders >= 1, max_query >= 1")
         if self.difference_window < 0:
             raise ValueError("policy: difference_window >= 0")
+        if not 1 <= self.chunk_rows <= MAX_CHUNK_ROWS:
+            raise ValueError(f"policy: chunk_rows in 1..{MAX_CHUNK_ROWS}")
+        if chunk_count(self.max_query, self.chunk_rows) > MAX_CHUNKS:
+            raise ValueError(f"policy: max_query / chunk_rows is at most {MAX_CHUNKS} chunks")
         if self.expire_after < 1:
             raise ValueError("policy: expire_after >= 1")
 
@@ -63,10 +75,13 @@ class ConsortiumPolicy:
         return max(2, min(self.min_participants, every))
 
     def problem(self, participants: tuple[str, ...], min_holders: int, query_size: int,
-                masks: MaskMode | None = None) -> str:
+                masks: MaskMode | None = None, chunk_rows: int | None = None) -> str:
         """Why a round with these parameters breaks the policy, or "" when it keeps it."""
         if masks is not None and masks is not self.masks:
             return f"the round's masks are {masks}; the consortium's are {self.masks}"
+        if chunk_rows is not None and chunk_rows != self.chunk_rows:
+            return (f"the round's chunks have {chunk_rows} rows; the consortium's have "
+                    f"{self.chunk_rows}")
         if unknown := [p for p in participants if p not in self.institutions]:
             return f"participant {unknown[0]!r} is not an institution of this consortium"
         if not self.allow_subsets and set(participants) != self.institutions:

@@ -50,6 +50,24 @@ def prg_matrix(seed: bytes, rows: int, cols: int) -> U64:
     return prg(seed, rows * cols).reshape(rows, cols)
 
 
+def prg_rows(seed: bytes, start: int, rows: int, cols: int) -> U64:
+    """Rows start .. start+rows-1 of the (unbounded) rows x cols expansion of `seed`:
+    equal to `prg_matrix(seed, start + rows, cols)[start:]`, but only these rows are
+    computed. AES-CTR's counter block is set to the 16-byte block holding the first element
+    (a big-endian 128-bit counter, as CTR mode increments it), and the 8 bytes before it in
+    that block, if any, are dropped. A round's chunks expand their own row ranges this way."""
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a PRG seed has {SEED_BYTES} bytes, not {len(seed)}")
+    if start < 0 or rows < 0 or cols < 0:
+        raise ValueError("start, rows and cols must be >= 0")
+    offset = start * cols * 8
+    block, skip = divmod(offset, 16)
+    enc = Cipher(algorithms.AES(seed), modes.CTR(block.to_bytes(16, "big"))).encryptor()
+    stream = enc.update(bytes(skip + rows * cols * 8))
+    return np.frombuffer(stream, dtype="<u8", offset=skip).astype(
+        np.uint64, copy=False).reshape(rows, cols)
+
+
 def zero_sum_masks(seed: bytes, n: int, width: int) -> U64:
     """n uniform vectors of Z_2^64^width, subject to their sum being 0 (claims 4-5).
 
@@ -107,18 +125,20 @@ def pairwise_seed(shared_secret: bytes, assignment: bytes, a: str, b: str,
                 info=info).derive(shared_secret)
 
 
-def pairwise_mask(index: int, seeds: dict[int, bytes], rows: int, cols: int) -> U64:
-    """m_i = sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij) over a rows x cols matrix: summed over
-    every participant i, the masks cancel, and nobody dealt them (PROTOCOL.md, pairwise mode).
-    `seeds` maps each other participant's index to the seed shared with it."""
+def pairwise_mask(index: int, seeds: dict[int, bytes], rows: int, cols: int,
+                  start: int = 0) -> U64:
+    """m_i = sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij) over rows start .. start+rows-1 of a
+    matrix of `cols` columns: summed over every participant i, the masks cancel, and nobody
+    dealt them (PROTOCOL.md, pairwise mode). `seeds` maps each other participant's index to
+    the seed shared with it."""
     out = np.zeros((rows, cols), dtype=np.uint64)
     for j, seed in seeds.items():
         if j == index:
             raise ValueError("a participant shares no seed with itself")
         if j > index:
-            np.add(out, prg_matrix(seed, rows, cols), out=out)
+            np.add(out, prg_rows(seed, start, rows, cols), out=out)
         else:
-            np.subtract(out, prg_matrix(seed, rows, cols), out=out)
+            np.subtract(out, prg_rows(seed, start, rows, cols), out=out)
     return out
 
 
@@ -127,15 +147,16 @@ def add_mask(values: U64, mask: U64) -> U64:
     return np.add(values, mask[np.newaxis, :], dtype=np.uint64)
 
 
-def coordinator_share(values_plus_mask: U64, seeds: list[bytes]) -> U64:
-    """E_S = (X_L + m_L) - sum_j PRG(seed_j): the one share that travels as a full matrix.
+def coordinator_share(values_plus_mask: U64, seeds: list[bytes], start: int = 0) -> U64:
+    """E_S = (X_L + m_L) - sum_j PRG(seed_j) over rows start .. start+rows-1: the one share
+    that travels as a full matrix.
 
     With the institutions' shares E_j = PRG(seed_j), sum_r E_r = X_L + m_L (claim 3).
     """
     rows, cols = values_plus_mask.shape
     out = np.array(values_plus_mask, dtype=np.uint64, copy=True)
     for s in seeds:
-        np.subtract(out, prg_matrix(s, rows, cols), out=out)
+        np.subtract(out, prg_rows(s, start, rows, cols), out=out)
     return out
 
 

@@ -31,11 +31,11 @@ from protocol.coordinator import CoordinatorState
 from protocol.envelope import SEQ_WINDOW
 from protocol.errors import SnapshotError
 from protocol.institution import InstitutionState
-from protocol.machine import Handler, RoundMachine, _Buffer
+from protocol.machine import ENDED_DIGEST, Handler, RoundMachine, _Buffer
 from protocol.messages import ROUND_ID_BYTES, MessageKind
 
 FORMAT = "zerosum.party-snapshot"
-VERSION = 1
+VERSION = 2  # 2: digest prefixes, one per chunk taken
 _SEEN = struct.Struct(">q32s32s")  # seq, digest, prev: one envelope of a sender's window
 _DIGEST = 32
 T = TypeVar("T")
@@ -57,7 +57,7 @@ class ClosedRound(RoundMachine):
                  evidence: list[tuple[str, bytes, bytes]], dropped: list[str]) -> None:
         super().__init__(round_id, state)
         self._allowed = allowed
-        self._seen = seen  # an ended round never changes them
+        self._ended = seen  # an ended round never changes them
         self.evidence = evidence
         self.dropped = dropped
 
@@ -107,7 +107,8 @@ ENDS: dict[str, tuple[Enum, ...]] = {
     "coordinator": (CoordinatorState.PUBLISHED, CoordinatorState.ABORTED),
     "institution": (InstitutionState.DONE, InstitutionState.ABORTED)}
 _U32 = struct.Struct(">I")
-_TAKEN = struct.Struct(f">IHB{_DIGEST}s")  # round index, sender (name index), kind, digest
+# round index, sender (name index), kind, digest prefix: a (sender, kind) has one per chunk
+_TAKEN = struct.Struct(f">IHB{ENDED_DIGEST}s")
 _FIELDS = ("format", "version", "role", "party", "consortium", "last_position", "chain",
            "ledger_entries", "difference_window", "names", "groups", "guard", "sequences",
            "rounds")
@@ -141,8 +142,9 @@ def encode(s: PartySnapshot) -> bytes:
     ends = ENDS[s.role]
     guard = b"".join(_U32.pack(t.group(g)) for g in s.guard)
     senders = b"".join(_U32.pack(t.group(r.senders)) for r in s.rounds)
-    seen = b"".join(_TAKEN.pack(i, t.name(who), int(kind), d)
-                    for i, r in enumerate(s.rounds) for (who, kind), d in r.seen.items())
+    seen = b"".join(_TAKEN.pack(i, t.name(who), int(kind), taken[at:at + ENDED_DIGEST])
+                    for i, r in enumerate(s.rounds) for (who, kind), taken in r.seen.items()
+                    for at in range(0, len(taken), ENDED_DIGEST))
     extras = [[i, [[t.name(who), a, b] for who, a, b in r.evidence],
                [t.name(who) for who in r.dropped]]
               for i, r in enumerate(s.rounds) if r.evidence or r.dropped]
@@ -275,7 +277,7 @@ def _rounds(raw: dict[str, Any], ends: tuple[Enum, ...], names: list[str],
         if i >= n or who >= len(names) or kind not in kinds:
             raise SnapshotError(f"snapshot field rounds.seen: ({i}, {who}, {kind}) names no "
                                 "round, party or message kind")
-        seen[i][(names[who], kinds[kind])] = d
+        seen[i][(names[who], kinds[kind])] = seen[i].get((names[who], kinds[kind]), b"") + d
     extras: dict[int, tuple[list[tuple[str, bytes, bytes]], list[str]]] = {}
     for k, e in enumerate(_list(raw["extras"], "rounds.extras")):
         path = f"rounds.extras[{k}]"

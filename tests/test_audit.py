@@ -7,12 +7,17 @@ import dataclasses
 import os
 
 import msgpack
+import numpy as np
 import pytest
 
 from protocol.audit import Auditor, Record, Report
+from protocol.codec import decode, encode
+from protocol.coordinator import CoordinatorRound
 from protocol.driver import CONSORTIUM, COORDINATOR, Network, keys_for
-from protocol.envelope import Chain, Header, seal
-from protocol.messages import MessageKind, Scope
+from protocol.envelope import Chain, Header, Inbox, seal
+from protocol.institution import InstitutionRound
+from protocol.messages import CoordinatorShare, Message, MessageKind, Scope
+from protocol.party import Outgoing
 from tests.helpers import DEADLINE, SPECS, make_world, run_round
 
 
@@ -159,3 +164,58 @@ def test_a_result_without_every_contribution_is_found() -> None:
     dropped = kinds.index("CONTRIBUTION")
     report = _audit(net, records[:dropped] + records[dropped + 1:])
     assert {f.check for f in report.all_findings()} >= {"partial"}
+
+
+# -- review finding 3: messages a hostile leader adds after publication are no finding ----------
+def _inject(net: Network, sender: str, recipient: str, msg: Message) -> None:
+    """`msg` from `sender`, sealed anew and appended to `recipient`'s topic after the round."""
+    party = net.party(sender)
+    for wire in seal(encode(msg), sender=party.me, recipient=party.registry[recipient],
+                     consortium=CONSORTIUM, round_id=msg.round_id, kind=msg.KIND,
+                     chain=party.chain):
+        net.topic_log.append((party.registry[recipient].topic, wire))
+        # the round has ended: refused, or dropped as a copy; nothing is sent
+        assert not any(isinstance(e, Outgoing) for e in net.party(recipient).receive(wire))
+
+
+@pytest.mark.parametrize("variant", ["extra chunk", "other content, same chunk"])
+def test_a_share_added_after_publication_is_no_finding_against_the_coordinator(
+        variant: str) -> None:
+    world = make_world(3, universe=40, hold=0.7, query=35, seed=9, chunk_rows=4,
+                       max_query=10_000)
+    net = world.net
+    rid = run_round(world, requester="bank-2", scope=Scope.INTERSECTION, min_holders=1)
+    m = net.coordinator.rounds[rid]
+    assert isinstance(m, CoordinatorRound)
+    assert m.assignment is not None
+    assert _audit(net, _records(net.topic_log), COORDINATOR).all_findings() == []
+    lead = net.institutions[m.leader].rounds[rid]
+    assert isinstance(lead, InstitutionRound)
+    last = lead.last
+    assert last is not None
+    width = m.assignment.width
+    bad = CoordinatorShare(rid, m.digest, bytes(32), np.zeros((0, width), dtype=np.uint64),
+                           last + 1, True) if variant == "extra chunk" else \
+        CoordinatorShare(rid, m.digest, bytes(32), np.ones((4, width), dtype=np.uint64), 0,
+                         False)
+    _inject(net, m.leader, COORDINATOR, bad)
+    assert _audit(net, _records(net.topic_log), COORDINATOR).all_findings() == []
+
+
+def test_a_share_sealed_again_after_the_result_is_no_finding_against_the_coordinator() -> None:
+    world = make_world(3, universe=40, hold=0.7, query=35, seed=9, chunk_rows=4,
+                       max_query=10_000)
+    net = world.net
+    rid = run_round(world, requester="bank-2", scope=Scope.INTERSECTION, min_holders=1)
+    m = net.coordinator.rounds[rid]
+    assert isinstance(m, CoordinatorRound)
+    victim = next(p for p in m.participants if p != m.leader)
+    assert _audit(net, _records(net.topic_log), victim).all_findings() == []
+    vp = net.party(victim)
+    inbox = Inbox(vp.me, vp.registry, CONSORTIUM)
+    shares = [decode(d.body) for d in (inbox.receive(w) for t, w in net.topic_log
+                                       if t == vp.registry[victim].topic)
+              if d is not None and d.kind is MessageKind.LEADER_SHARE]
+    assert shares
+    _inject(net, m.leader, victim, shares[0])
+    assert _audit(net, _records(net.topic_log), victim).all_findings() == []

@@ -84,6 +84,19 @@ def test_config_errors_name_file_and_field(tmp_path: Path) -> None:
         load_party(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize(("rows", "ok"), [(1, False), (1023, False), (1024, True)])
+def test_chunk_rows_has_a_floor(tmp_path: Path, rows: int, ok: bool) -> None:
+    """Chunks of a handful of rows would tell the timing of single rows: at least 1,024."""
+    init_consortium(tmp_path, institutions=2, customers=5, bootstrap="127.0.0.1:1")
+    c = tmp_path / "consortium.toml"
+    c.write_text(c.read_text().replace("[policy]", f"[policy]\nchunk_rows = {rows}", 1))
+    if ok:
+        assert load_consortium(c).policy.chunk_rows == rows
+    else:
+        with pytest.raises(ConfigError, match="'chunk_rows' must be at least 1024"):
+            load_consortium(c)
+
+
 def test_cli_reports_a_bad_config_without_a_traceback(tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["institution", "--config", str(tmp_path / "nope.toml")]) == 2

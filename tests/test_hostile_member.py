@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 import pytest
 
+import protocol.party as party_module
 from protocol.codec import (
     assignment_digest,
     decode,
@@ -141,8 +142,8 @@ def test_a_leader_share_larger_than_the_query_is_refused_naming_the_leader() -> 
     tokens = tokenize([f"x{i}" for i in range(a.query_size + 5)], KEY)
     salt = bytes(32)
     share = LeaderShare(RID, a_digest := assignment_digest(a), a.attestation, salt,
-                        leader_keys.sign(endorsement_statement(RID, a_digest,
-                                                               rows_digest(salt, tokens))),
+                        leader_keys.sign(endorsement_statement(
+                            RID, a_digest, rows_digest(salt, tokens), rows=tokens.size)),
                         tokens, bytes(32))
     out = m.handle("bank-b", share)
     [end] = [o for o in out if isinstance(o, Ended)]
@@ -330,8 +331,8 @@ def test_a_leader_that_gives_institutions_different_rows_is_named() -> None:
     salt = os.urandom(32)
     digest = assignment_digest(a)
     share = LeaderShare(rid, digest, a.attestation, salt,
-                        lp.keyring.sign(endorsement_statement(rid, digest,
-                                                              rows_digest(salt, fewer))),
+                        lp.keyring.sign(endorsement_statement(
+                            rid, digest, rows_digest(salt, fewer), rows=fewer.size)),
                         fewer, os.urandom(32))
     net.in_flight.append((victim, _sealed(net, leader, victim, share), False))
     net.run()
@@ -485,9 +486,12 @@ def test_bodies_are_padded_to_coarse_size_buckets() -> None:
     assert len(lens) == 1
 
 
-def test_a_member_assignment_from_a_peer_opens_no_round() -> None:
+def test_a_member_assignment_from_a_peer_opens_no_round(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
     """Only the coordinator opens a round at an institution; a peer's early messages are
-    held in a bounded per-sender buffer."""
+    held in a per-sender buffer bounded in bytes (here small enough for 64 of them)."""
+    monkeypatch.setattr(party_module, "MAX_EARLY_BYTES_PER_SENDER",
+                        64 * (party_module.EARLY_MESSAGE_BYTES + 16))
     world = make_world(3, universe=20, hold=1.0, query=10, seed=10)
     net = world.net
     target = net.institutions["bank-1"]

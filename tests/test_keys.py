@@ -613,8 +613,9 @@ def test_the_requester_aborts_an_assignment_that_differs_from_its_request(
         change: dict[str, Any]) -> None:
     req = samples.request()
     honest = samples.transcript().assignments["bank-a"]
+    terms = request_terms(req, samples.POLICY.chunk_rows)
     ctx = dataclasses.replace(samples.institution("bank-a").ctx,
-                              requested={req.round_id: request_terms(req)},
+                              requested={req.round_id: terms},
                               earlier_tables={1: samples.TABLES["bank-a"]})
     assert not [o for o in InstitutionRound(req.round_id, ctx).handle(samples.COORD, honest)
                 if isinstance(o, Ended)]

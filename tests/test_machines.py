@@ -16,7 +16,16 @@ from protocol.codec import encode
 from protocol.coordinator import CoordinatorRound, CoordinatorState
 from protocol.errors import AbortReason, NotAParticipant, RoundClosed
 from protocol.institution import InstitutionRound, InstitutionState
-from protocol.machine import BUFFER, Deadline, Ended, Input, Outcome, RoundMachine, Send
+from protocol.machine import (
+    BUFFER,
+    ENDED_DIGEST,
+    Deadline,
+    Ended,
+    Input,
+    Outcome,
+    RoundMachine,
+    Send,
+)
 from protocol.messages import (
     Contribution,
     CoordinatorShare,
@@ -122,7 +131,9 @@ def test_invalid_pairs_abort_or_raise_typed(role: str, state: object,
     if seen:
         assert isinstance(inp, Message)
         conflicting: Message = inp
-        if m._seen[(sender, inp.KIND)] == hashlib.sha256(encode(inp)).digest():
+        taken = m.seen_digests()[(sender, inp.KIND)]
+        mine = hashlib.sha256(encode(inp)).digest()[:ENDED_DIGEST]
+        if mine in (taken[i:i + ENDED_DIGEST] for i in range(0, len(taken), ENDED_DIGEST)):
             assert m.handle(sender, inp) == []  # equal duplicate: nothing happens
             assert m.state is state
             conflicting = variant(inp)

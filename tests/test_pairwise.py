@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from protocol.coordinator import CoordinatorRound
 from protocol.driver import Network, build_network
 from protocol.errors import AbortReason
+from protocol.machine import Output
 from protocol.messages import MaskMode, Scope
 from protocol.party import Keyring
 from protocol.ring import (
@@ -109,27 +110,31 @@ def _round_kept(n: int, mode: MaskMode, rows: int = 3000) -> tuple[Network, byte
                                     axis=1).astype(np.int64) for k in range(n)}
     tables = {name: LocalTable.build(tokenize(ids, KEY), v, NAMES) for name, v in values.items()}
     net = build_network(tables, SPECS, masks=mode)
-    kept: list[object] = []
+    kept: dict[str, U64] = {}
     rid = os.urandom(16)
-    original = CoordinatorRound.release
+    original = CoordinatorRound._take
 
-    def keep(self: CoordinatorRound) -> None:
-        kept.append(dict(self.contributions))
-        original(self)
+    def keep(self: CoordinatorRound, sender: str, chunk: int, last: bool, rows_digest: bytes,
+             m: U64) -> list[Output]:
+        assert chunk == 0  # one chunk: the whole matrix
+        assert last
+        kept[sender] = m
+        return original(self, sender, chunk, last, rows_digest, m)
 
-    CoordinatorRound.release = keep  # type: ignore[method-assign]
+    CoordinatorRound._take = keep  # type: ignore[method-assign]
     try:
         net.take("bank-0", net.institutions["bank-0"].request(
             rid, tokenize(ids, KEY), participants=tuple(tables), attributes=NAMES,
             deadline_ms=10**13, scope=Scope.QUERY))
         net.run()
     finally:
-        CoordinatorRound.release = original  # type: ignore[method-assign]
+        CoordinatorRound._take = original  # type: ignore[method-assign]
     assert len(net.published()) == 1
-    m = net.coordinator.rounds[rid]
-    assert isinstance(m, CoordinatorRound)
-    m.contributions = kept[0]  # type: ignore[assignment]
+    KEPT[rid] = kept
     return net, rid, values
+
+
+KEPT: dict[bytes, dict[str, U64]] = {}  # round -> what its coordinator received, by sender
 
 
 def _colluders_unmask(net: Network, rid: bytes, target: str, colluders: set[str]) -> U64:
@@ -139,7 +144,7 @@ def _colluders_unmask(net: Network, rid: bytes, target: str, colluders: set[str]
     assert isinstance(m, CoordinatorRound)
     a = m.assignment
     assert a is not None
-    y = m.contributions[target].values
+    y = KEPT[rid][target]
     rows, width = y.shape
     leader = net.institutions[a.leader]
     e = prg_matrix(derive_seed(leader.me.secret, "share", m.digest, a.participants.index(target)),

@@ -11,9 +11,11 @@ from protocol.ring import (
     add_mask,
     coordinator_share,
     derive_seed,
+    pairwise_mask,
     permutation,
     prg,
     prg_matrix,
+    prg_rows,
     sum_matrices,
     uniform_below,
     zero_sum_masks,
@@ -90,3 +92,31 @@ def test_permutation_and_uniform_below() -> None:
         assert all(0 <= v < 7 for v in uniform_below(s, 7, 100))
     firsts = {permutation(derive_seed(SECRET, "p", bytes(16), i), 4)[0] for i in range(200)}
     assert firsts == {0, 1, 2, 3}
+
+
+@settings(max_examples=60, deadline=None)
+@given(total=st.integers(0, 200), cols=st.integers(1, 9), data=st.data())
+def test_expanding_a_row_range_equals_slicing_the_whole_expansion(
+        total: int, cols: int, data: st.DataObject) -> None:
+    """A chunk's PRG rows (AES-CTR started at the chunk's counter block) are exactly the rows
+    of the whole matrix's expansion, whatever the start row and width (odd widths start in
+    the middle of an AES block)."""
+    seed = data.draw(st.binary(min_size=32, max_size=32))
+    start = data.draw(st.integers(0, total))
+    rows = data.draw(st.integers(0, total - start))
+    whole = prg_matrix(seed, total, cols)
+    np.testing.assert_array_equal(prg_rows(seed, start, rows, cols),
+                                  whole[start:start + rows])
+
+
+def test_chunks_of_a_pairwise_mask_and_of_a_share_are_slices_of_the_whole() -> None:
+    rng = np.random.default_rng(5)
+    seeds = {j: rng.bytes(32) for j in (0, 2, 3)}
+    whole = pairwise_mask(1, seeds, 100, 5)
+    parts = [pairwise_mask(1, seeds, 7, 5, start=s) for s in range(0, 98, 7)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole[:98])
+    y = rng.integers(0, 2**64, (100, 5), dtype=np.uint64, endpoint=False)
+    share_seeds = list(seeds.values())
+    e_s = coordinator_share(y, share_seeds)
+    np.testing.assert_array_equal(coordinator_share(y[30:61], share_seeds, start=30),
+                                  e_s[30:61])

@@ -146,23 +146,22 @@ def test_what_the_coordinator_receives_passes_as_uniform() -> None:
     world_tables = {"bank-a": tbl, "bank-b": tbl, "bank-c": tbl}
     net = build_network(world_tables, SPECS)
     captured: list[U64] = []
-    original = CoordinatorRound._maybe_finish
+    original = CoordinatorRound._take
 
-    def spy(self: CoordinatorRound) -> list[Output]:
-        if not self.missing():
-            assert self.share is not None
-            captured.append(self.share.share)
-            captured.extend(c.values for c in self.contributions.values())
-        return original(self)
+    def spy(self: CoordinatorRound, sender: str, chunk: int, last: bool, rows_digest: bytes,
+            m: U64) -> list[Output]:
+        captured.append(m)  # E_S from the leader, or a contribution
+        return original(self, sender, chunk, last, rows_digest, m)
 
-    CoordinatorRound._maybe_finish = spy  # type: ignore[method-assign]
+    CoordinatorRound._take = spy  # type: ignore[method-assign]
     try:
         net.take("bank-a", net.institutions["bank-a"].request(
             os.urandom(16), tokenize(ids, KEY), participants=("bank-a", "bank-b", "bank-c"),
             attributes=("balance", "overdue_days"), deadline_ms=DEADLINE))
         net.run()
     finally:
-        CoordinatorRound._maybe_finish = original  # type: ignore[method-assign]
+        CoordinatorRound._take = original  # type: ignore[method-assign]
+    assert len(net.published()) == 1
     assert len(captured) == 3
     for m in captured:
         assert _chi2_bytes(m.tobytes()) < 339

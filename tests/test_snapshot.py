@@ -41,11 +41,12 @@ from protocol.errors import (
 from protocol.machine import Deadline, Outcome
 from protocol.messages import MaskAssignment, Message, MessageKind, Scope
 from protocol.party import CoordinatorParty, Event, InstitutionParty, Outgoing, Rejected
-from protocol.snapshot import PartySnapshot
+from protocol.snapshot import VERSION, PartySnapshot
 from protocol.snapshot import decode as decode_snapshot
 from tests.helpers import DEADLINE, SPECS, World, make_world
 from tests.samples import transcript
 
+CHUNK_ROWS = 2  # rows of a chunk: a query of 6 travels in 3 chunks, I in up to 3
 EXPIRE = 6  # inbox positions a held message lives: small, so that scenarios see it happen
 INSTITUTIONS = ("bank-0", "bank-1", "bank-2")
 SUBSETS = (INSTITUTIONS, ("bank-0", "bank-1"), ("bank-1", "bank-2"), ("bank-0", "bank-2"))
@@ -71,7 +72,8 @@ def chunks_of(size: int) -> Iterator[None]:
 
 def world(seed: int) -> World:
     return make_world(3, universe=12, hold=0.7, query=6, seed=seed, allow_subsets=True,
-                      min_participants=2, expire_after=EXPIRE)
+                      min_participants=2, expire_after=EXPIRE, chunk_rows=CHUNK_ROWS,
+                      max_query=1000)
 
 
 def _send(net: Network, sender: str, recipient: str, kind: MessageKind, rid: bytes,
@@ -424,8 +426,8 @@ def test_corrupt_or_foreign_snapshots_are_typed_errors() -> None:
     assert lacking.rounds == {}
     assert lacking.last_position == -1
     newer = bytearray(data)
-    newer[newer.index(b"version") + len(b"version")] = 2
-    with pytest.raises(SnapshotError, match="version 2"):
+    newer[newer.index(b"version") + len(b"version")] = VERSION + 1
+    with pytest.raises(SnapshotError, match=f"version {VERSION + 1}"):
         decode_snapshot(bytes(newer))
     wider = fresh(bank)
     wider.ledger = dict(bank.ledger)
